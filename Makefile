@@ -1,0 +1,100 @@
+# errord: build, test, run.
+#
+#   make            build ./errord
+#   make run        run errord in front of the bundled mock of the reference API
+#   make test       unit and integration tests
+#   make asan       the whole test suite against an ASan + UBSan build
+#   make fuzz       build the libFuzzer targets (clang)
+#   make bench      errord against HAProxy and nginx (../shared/bench)
+#   make install    PREFIX=/usr/local DESTDIR=
+#   make clean
+
+VERSION    := 0.1.0
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+BINDIR      = $(PREFIX)/bin
+DATADIR     = $(PREFIX)/share/errord
+CC         ?= cc
+PYTHON     ?= /usr/bin/python3
+LLHTTP_SRC ?= /usr/share/llhttp
+LLHTTP_INC ?= /usr/share/include/llhttp
+PKGS        = libuv
+
+# pkg-config runs once, after scripts/setup has installed what it asks about.
+PKG_CFLAGS  = $(eval PKG_CFLAGS := $$(shell pkg-config --cflags $(PKGS)))$(PKG_CFLAGS)
+PKG_LIBS    = $(eval PKG_LIBS := $$(shell pkg-config --libs $(PKGS)))$(PKG_LIBS)
+
+WARNINGS    = -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
+              -Wpointer-arith -Wformat=2 -Wvla -Wundef -Werror
+OPT        ?= -O2 -g
+CFLAGS_ALL  = -std=c11 $(OPT) $(WARNINGS) -D_GNU_SOURCE -DERRORD_VERSION='"$(VERSION)"' \
+              -DERRORD_DATADIR='"$(DATADIR)"' -I$(LLHTTP_INC) $(PKG_CFLAGS) $(CFLAGS)
+# llhttp is third-party code: its own warnings are not ours to fix. Strict
+# mode makes it reject what the RFC forbids instead of guessing.
+LLHTTP_FLAGS = -std=c11 $(OPT) -w -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC) $(CFLAGS)
+LIBS        = $(PKG_LIBS) -lpthread -lm
+
+SRCS   := $(wildcard src/*.c)
+LIBSRC := $(filter-out src/main.c,$(SRCS))
+TESTS  := $(wildcard tests/unit/*.c)
+
+BUILD  ?= build
+OBJS    = $(SRCS:src/%.c=$(BUILD)/%.o)
+LIBOBJS = $(LIBSRC:src/%.c=$(BUILD)/%.o)
+LLOBJS  = $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o $(BUILD)/llhttp/llhttp.o
+TOBJS   = $(TESTS:tests/unit/%.c=$(BUILD)/unit/%.o)
+
+.PHONY: all setup run test unit integration asan fuzz bench install clean
+
+all: errord
+
+setup:
+	@scripts/setup
+
+errord: $(BUILD)/errord
+	rm -f $@ && cp $< $@
+
+$(BUILD)/errord: $(OBJS) $(LLOBJS)
+	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
+
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h) | setup
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS_ALL) -c -o $@ $<
+
+$(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c | setup
+	@mkdir -p $(@D)
+	$(CC) $(LLHTTP_FLAGS) -c -o $@ $<
+
+$(BUILD)/unit/%.o: tests/unit/%.c $(wildcard tests/unit/*.h src/*.h) | setup
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS_ALL) -Isrc -c -o $@ $<
+
+$(BUILD)/unit-tests: $(TOBJS) $(LIBOBJS) $(LLOBJS)
+	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
+
+unit: $(BUILD)/unit-tests
+	$(BUILD)/unit-tests
+
+integration: $(BUILD)/errord
+	ERRORD_BIN=$(abspath $(BUILD)/errord) $(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+test: unit integration
+
+# Everything again under AddressSanitizer and UndefinedBehaviorSanitizer.
+asan:
+	$(MAKE) BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
+	    LDFLAGS="-fsanitize=address,undefined" test
+
+run: errord
+	@scripts/run
+
+bench: errord
+	@scripts/setup --bench
+	@scripts/bench
+
+install: errord
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 755 errord $(DESTDIR)$(BINDIR)/errord
+
+clean:
+	rm -rf build errord

@@ -1,0 +1,40 @@
+/* buf: a growable byte buffer. */
+#ifndef ERRORD_BUF_H
+#define ERRORD_BUF_H
+
+#include <stdarg.h>
+#include <stddef.h>
+
+typedef struct {
+    char *data;
+    size_t len;
+    size_t cap;
+} buf_t;
+
+#define BUF_INIT {NULL, 0, 0}
+
+/* Makes room for at least `extra` more bytes. Returns 0, or -ENOMEM. */
+int buf_reserve(buf_t *b, size_t extra);
+
+/* Appends `n` bytes. Returns 0, or -ENOMEM (the buffer is unchanged). */
+int buf_append(buf_t *b, const void *p, size_t n);
+
+/* Appends a NUL-terminated string. */
+int buf_puts(buf_t *b, const char *s);
+
+/* Appends printf-style formatted text. */
+int buf_printf(buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Appends `s` as the inside of a JSON string (quotes not included). */
+int buf_json_escape(buf_t *b, const char *s, size_t n);
+
+/* Drops the first `n` bytes, keeping the rest. */
+void buf_consume(buf_t *b, size_t n);
+
+/* Empties the buffer but keeps its memory for reuse. */
+static inline void buf_clear(buf_t *b) { b->len = 0; }
+
+/* Releases the memory; the buffer is empty and reusable afterwards. */
+void buf_free(buf_t *b);
+
+#endif

@@ -1,0 +1,414 @@
+/* config: errord's settings, from flags and ERRORD_* environment variables. */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <uv.h>
+
+typedef enum { OPT_STR, OPT_BOOL, OPT_DURATION, OPT_SIZE, OPT_COUNT } opt_kind_t;
+
+typedef struct {
+    const char *flag;
+    const char *env;
+    opt_kind_t kind;
+    size_t offset;
+    const char *def; /* default, as the user would type it; NULL: none */
+    const char *arg;
+    const char *help;
+} option_t;
+
+#define OPT(flag, env, kind, field, def, arg, help) \
+    {flag, env, kind, offsetof(config_t, field), def, arg, help}
+
+static const option_t OPTIONS[] = {
+    OPT("listen", "ERRORD_LISTEN", OPT_STR, listen, "127.0.0.1:8080", "ADDR:PORT",
+        "where clients connect"),
+    OPT("upstream", "ERRORD_UPSTREAM", OPT_STR, upstream, NULL, "URL",
+        "the API errord forwards to, http://HOST[:PORT] (required)"),
+    OPT("workers", "ERRORD_WORKERS", OPT_COUNT, workers, "1", "N",
+        "event loops, each on its own thread"),
+    OPT("log-level", "ERRORD_LOG_LEVEL", OPT_STR, log_level_name, "info", "LEVEL",
+        "debug, info, warn or error"),
+    OPT("preserve-host", "ERRORD_PRESERVE_HOST", OPT_BOOL, preserve_host, "0", NULL,
+        "send the client's Host upstream instead of the upstream's authority"),
+    OPT("client-header-timeout", "ERRORD_CLIENT_HEADER_TIMEOUT", OPT_DURATION,
+        client_header_timeout, "10s", "DURATION",
+        "time a client has to send a whole request head (408 after)"),
+    OPT("client-idle-timeout", "ERRORD_CLIENT_IDLE_TIMEOUT", OPT_DURATION, client_idle_timeout,
+        "60s", "DURATION", "idle keep-alive connection, or request body stalled, is closed after"),
+    OPT("connect-timeout", "ERRORD_CONNECT_TIMEOUT", OPT_DURATION, connect_timeout, "2s",
+        "DURATION", "time to connect to the upstream (504 after)"),
+    OPT("first-byte-timeout", "ERRORD_FIRST_BYTE_TIMEOUT", OPT_DURATION, first_byte_timeout,
+        "30s", "DURATION", "time from a request sent to its response head (504 after)"),
+    OPT("upstream-idle-timeout", "ERRORD_UPSTREAM_IDLE_TIMEOUT", OPT_DURATION,
+        upstream_idle_timeout, "30s", "DURATION",
+        "longest silence from the upstream in a response body, or while it takes a request body"),
+    OPT("upstream-keepalive-timeout", "ERRORD_UPSTREAM_KEEPALIVE_TIMEOUT", OPT_DURATION,
+        upstream_keepalive_timeout, "15s", "DURATION",
+        "an idle pooled upstream connection is closed after"),
+    OPT("drain-timeout", "ERRORD_DRAIN_TIMEOUT", OPT_DURATION, drain_timeout, "10s",
+        "DURATION", "on SIGTERM, how long in-flight requests may take to finish"),
+    OPT("max-request-line", "ERRORD_MAX_REQUEST_LINE", OPT_SIZE, max_request_line, "8KiB",
+        "SIZE", "longest request line (414 past it)"),
+    OPT("max-header-size", "ERRORD_MAX_HEADER_SIZE", OPT_SIZE, max_header_size, "64KiB", "SIZE",
+        "largest request or response head (431, or 502 for a response, past it)"),
+    OPT("max-body-size", "ERRORD_MAX_BODY_SIZE", OPT_SIZE, max_body_size, "0", "SIZE",
+        "largest request body (413 past it); 0 means no limit"),
+    OPT("max-connections", "ERRORD_MAX_CONNECTIONS", OPT_COUNT, max_connections, "1024", "N",
+        "client connections at once; more are answered 503 and closed"),
+    OPT("upstream-max-idle", "ERRORD_UPSTREAM_MAX_IDLE", OPT_COUNT, upstream_max_idle, "128",
+        "N", "idle upstream connections kept for reuse, per worker"),
+};
+
+#define N_OPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
+
+static void errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void errf(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+int config_parse_duration(const char *s, uint64_t *ms)
+{
+    char *end;
+    if (!isdigit((unsigned char)*s))
+        return -EINVAL;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno != 0 || end == s)
+        return -EINVAL;
+    double mult;
+    if (*end == '\0' || strcmp(end, "ms") == 0)
+        mult = 1;
+    else if (strcmp(end, "s") == 0)
+        mult = 1000;
+    else if (strcmp(end, "m") == 0)
+        mult = 60000;
+    else if (strcmp(end, "h") == 0)
+        mult = 3600000;
+    else
+        return -EINVAL;
+    v *= mult;
+    if (v < 0 || v > 1e12)
+        return -EINVAL;
+    *ms = (uint64_t)(v + 0.5);
+    return 0;
+}
+
+int config_parse_size(const char *s, uint64_t *bytes)
+{
+    char *end;
+    if (!isdigit((unsigned char)*s))
+        return -EINVAL;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno != 0)
+        return -EINVAL;
+    uint64_t mult = 1;
+    if (*end != '\0') {
+        switch (tolower((unsigned char)*end)) {
+        case 'k': mult = 1024; break;
+        case 'm': mult = 1024 * 1024; break;
+        case 'g': mult = 1024ull * 1024 * 1024; break;
+        default: return -EINVAL;
+        }
+        end++;
+        if (strcasecmp(end, "") != 0 && strcasecmp(end, "b") != 0 && strcasecmp(end, "ib") != 0)
+            return -EINVAL;
+    }
+    if (v > UINT64_MAX / mult)
+        return -EINVAL;
+    *bytes = v * mult;
+    return 0;
+}
+
+int config_parse_addr(const char *s, struct sockaddr_storage *ss)
+{
+    char host[256];
+    const char *colon = strrchr(s, ':');
+    if (colon == NULL || colon[1] == '\0')
+        return -EINVAL;
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end != '\0' || port < 0 || port > 65535)
+        return -EINVAL;
+    size_t hlen = (size_t)(colon - s);
+    if (hlen >= sizeof host)
+        return -EINVAL;
+    memcpy(host, s, hlen);
+    host[hlen] = '\0';
+    memset(ss, 0, sizeof *ss);
+    if (hlen == 0)
+        return uv_ip4_addr("0.0.0.0", (int)port, (struct sockaddr_in *)ss) < 0 ? -EINVAL : 0;
+    if (host[0] == '[') {
+        if (hlen < 3 || host[hlen - 1] != ']')
+            return -EINVAL;
+        host[hlen - 1] = '\0';
+        return uv_ip6_addr(host + 1, (int)port, (struct sockaddr_in6 *)ss) < 0 ? -EINVAL : 0;
+    }
+    return uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) < 0 ? -EINVAL : 0;
+}
+
+/* http://HOST[:PORT][/] */
+static int parse_upstream(config_t *c, char *err, size_t errlen)
+{
+    const char *u = c->upstream;
+    if (strncasecmp(u, "https://", 8) == 0) {
+        errf(err, errlen, "--upstream %s: https upstreams are not supported by this build", u);
+        return -1;
+    }
+    if (strncasecmp(u, "http://", 7) != 0) {
+        errf(err, errlen, "--upstream %s: expected http://HOST[:PORT]", u);
+        return -1;
+    }
+    const char *h = u + 7, *end = h + strcspn(h, "/?#");
+    if (*end != '\0' && strcmp(end, "/") != 0) {
+        errf(err, errlen, "--upstream %s: a path is not supported, give http://HOST[:PORT]", u);
+        return -1;
+    }
+    const char *hend, *port = NULL;
+    if (*h == '[') {
+        hend = memchr(h, ']', (size_t)(end - h));
+        if (hend == NULL) {
+            errf(err, errlen, "--upstream %s: unterminated IPv6 address", u);
+            return -1;
+        }
+        if (hend + 1 < end && hend[1] == ':')
+            port = hend + 2;
+        else if (hend + 1 != end)
+            goto bad;
+        h++;
+    } else {
+        hend = memchr(h, ':', (size_t)(end - h));
+        if (hend != NULL)
+            port = hend + 1;
+        else
+            hend = end;
+    }
+    if (hend == h)
+        goto bad;
+    c->upstream_port = 80;
+    if (port != NULL) {
+        long p = 0;
+        if (port == end)
+            goto bad;
+        for (const char *q = port; q < end; q++) {
+            if (!isdigit((unsigned char)*q))
+                goto bad;
+            p = p * 10 + (*q - '0');
+            if (p > 65535)
+                goto bad;
+        }
+        if (p == 0)
+            goto bad;
+        c->upstream_port = (int)p;
+    }
+    c->upstream_host = strndup(h, (size_t)(hend - h));
+    /* The Host errord sends: the port only when it is not the default. */
+    char auth[300];
+    int v6 = u[7] == '[';
+    if (c->upstream_port == 80)
+        snprintf(auth, sizeof auth, "%s%s%s", v6 ? "[" : "", c->upstream_host, v6 ? "]" : "");
+    else
+        snprintf(auth, sizeof auth, "%s%s%s:%d", v6 ? "[" : "", c->upstream_host, v6 ? "]" : "",
+                 c->upstream_port);
+    c->upstream_authority = strdup(auth);
+    return 0;
+bad:
+    errf(err, errlen, "--upstream %s: expected http://HOST[:PORT]", u);
+    return -1;
+}
+
+static int set_option(config_t *c, const option_t *o, const char *value, const char *from,
+                      char *err, size_t errlen)
+{
+    void *field = (char *)c + o->offset;
+    switch (o->kind) {
+    case OPT_STR: {
+        char **s = field;
+        free(*s);
+        *s = strdup(value);
+        return 0;
+    }
+    case OPT_BOOL: {
+        int *b = field;
+        if (strcmp(value, "1") == 0 || strcasecmp(value, "true") == 0 ||
+            strcasecmp(value, "yes") == 0 || strcasecmp(value, "on") == 0) {
+            *b = 1;
+            return 0;
+        }
+        if (strcmp(value, "0") == 0 || strcasecmp(value, "false") == 0 ||
+            strcasecmp(value, "no") == 0 || strcasecmp(value, "off") == 0) {
+            *b = 0;
+            return 0;
+        }
+        break;
+    }
+    case OPT_DURATION:
+        if (config_parse_duration(value, field) == 0)
+            return 0;
+        errf(err, errlen, "%s %s: expected a duration such as 500ms, 10s or 2m", from, value);
+        return -1;
+    case OPT_SIZE:
+        if (config_parse_size(value, field) == 0)
+            return 0;
+        errf(err, errlen, "%s %s: expected a size such as 512, 8KiB or 1MiB", from, value);
+        return -1;
+    case OPT_COUNT: {
+        char *end;
+        errno = 0;
+        long long v = strtoll(value, &end, 10);
+        if (errno != 0 || *end != '\0' || end == value || v < 0)
+            break;
+        if (o->offset == offsetof(config_t, workers))
+            *(int *)field = (int)(v > 1024 ? 1024 : v);
+        else
+            *(uint64_t *)field = (uint64_t)v;
+        return 0;
+    }
+    }
+    errf(err, errlen, "%s %s: invalid value", from, value);
+    return -1;
+}
+
+static const option_t *find_option(const char *name, size_t n)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++)
+        if (strlen(OPTIONS[i].flag) == n && strncmp(OPTIONS[i].flag, name, n) == 0)
+            return &OPTIONS[i];
+    return NULL;
+}
+
+static int check(config_t *c, char *err, size_t errlen)
+{
+    if (config_parse_addr(c->listen, &c->listen_addr) < 0) {
+        errf(err, errlen, "--listen %s: expected ADDR:PORT, such as 127.0.0.1:8080", c->listen);
+        return -1;
+    }
+    if (c->upstream == NULL || c->upstream[0] == '\0') {
+        errf(err, errlen, "--upstream is required (or ERRORD_UPSTREAM), e.g. "
+                          "--upstream http://127.0.0.1:8081");
+        return -1;
+    }
+    if (parse_upstream(c, err, errlen) < 0)
+        return -1;
+    if (log_level_parse(c->log_level_name, &c->log_level) < 0) {
+        errf(err, errlen, "--log-level %s: expected debug, info, warn or error",
+             c->log_level_name);
+        return -1;
+    }
+    if (c->workers < 1 || c->workers > 64) {
+        errf(err, errlen, "--workers %d: expected 1 to 64", c->workers);
+        return -1;
+    }
+    if (c->max_connections < 1) {
+        errf(err, errlen, "--max-connections must be at least 1");
+        return -1;
+    }
+    if (c->max_request_line < 64 || c->max_header_size < c->max_request_line) {
+        errf(err, errlen, "--max-request-line must be at least 64 bytes and at most "
+                          "--max-header-size");
+        return -1;
+    }
+    if (c->client_header_timeout == 0 || c->client_idle_timeout == 0 ||
+        c->connect_timeout == 0 || c->first_byte_timeout == 0 ||
+        c->upstream_idle_timeout == 0 || c->upstream_keepalive_timeout == 0) {
+        errf(err, errlen, "timeouts must be greater than zero");
+        return -1;
+    }
+    return 0;
+}
+
+int config_parse(config_t *c, int argc, char **argv, char *err, size_t errlen)
+{
+    memset(c, 0, sizeof *c);
+    for (size_t i = 0; i < N_OPTIONS; i++)
+        if (OPTIONS[i].def != NULL &&
+            set_option(c, &OPTIONS[i], OPTIONS[i].def, OPTIONS[i].flag, err, errlen) < 0)
+            return -1;
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const char *v = getenv(OPTIONS[i].env);
+        if (v != NULL && *v != '\0' &&
+            set_option(c, &OPTIONS[i], v, OPTIONS[i].env, err, errlen) < 0)
+            return -1;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0)
+            return CONFIG_HELP;
+        if (strcmp(a, "--version") == 0 || strcmp(a, "-V") == 0)
+            return CONFIG_VERSION;
+        if (strncmp(a, "--", 2) != 0) {
+            errf(err, errlen, "unexpected argument '%s' (see errord --help)", a);
+            return -1;
+        }
+        const char *name = a + 2, *eq = strchr(name, '=');
+        size_t n = eq ? (size_t)(eq - name) : strlen(name);
+        const option_t *o = find_option(name, n);
+        if (o == NULL) {
+            errf(err, errlen, "unknown option '%.*s' (see errord --help)", (int)(n + 2), a);
+            return -1;
+        }
+        const char *value = eq ? eq + 1 : NULL;
+        if (value == NULL && o->kind == OPT_BOOL)
+            value = "1";
+        if (value == NULL) {
+            if (i + 1 >= argc) {
+                errf(err, errlen, "--%s needs a value (%s)", o->flag, o->arg);
+                return -1;
+            }
+            value = argv[++i];
+        }
+        char from[64];
+        snprintf(from, sizeof from, "--%s", o->flag);
+        if (set_option(c, o, value, from, err, errlen) < 0)
+            return -1;
+    }
+    return check(c, err, errlen) < 0 ? -1 : CONFIG_RUN;
+}
+
+void config_free(config_t *c)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        if (OPTIONS[i].kind == OPT_STR) {
+            char **s = (char **)((char *)c + OPTIONS[i].offset);
+            free(*s);
+            *s = NULL;
+        }
+    }
+    free(c->upstream_host);
+    free(c->upstream_authority);
+    c->upstream_host = c->upstream_authority = NULL;
+}
+
+void config_usage(FILE *out)
+{
+    fprintf(out, "usage: errord --upstream http://HOST[:PORT] [options]\n"
+                 "       errord --version | --help\n\n"
+                 "errord is an HTTP/1.1 sidecar proxy: it forwards each request to the upstream\n"
+                 "and streams the response back, logging one JSON record per request.\n\n"
+                 "options (each also read from the environment variable shown; flags win):\n");
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const option_t *o = &OPTIONS[i];
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s%s", o->flag, o->arg ? " " : "", o->arg ? o->arg : "");
+        fprintf(out, "  %-36s %s\n", left, o->help);
+        fprintf(out, "  %-36s env %s", "", o->env);
+        if (o->def != NULL && o->kind != OPT_BOOL)
+            fprintf(out, ", default %s", o->def);
+        fprintf(out, "\n");
+    }
+    fprintf(out, "\nDurations: 500ms, 10s, 2m, 1h (a bare number is milliseconds).\n"
+                 "Sizes: 512, 8KiB, 1MiB, 1GiB.\n"
+                 "Signals: SIGTERM or SIGINT drains in-flight requests and exits 0.\n"
+                 "Exit status: 0 ok, 1 runtime failure, 2 bad command line.\n");
+}

@@ -1,0 +1,63 @@
+/* io: a TCP connection with gathered, non-blocking output.
+ *
+ * Output appended while handling an event is written at io_flush(): straight
+ * into the socket when it takes it (no copy beyond the gather buffer), else
+ * handed to libuv, which writes it as the peer reads. io_pending() is what a
+ * caller checks to apply backpressure; on_drain says when to read again.
+ *
+ * An io owns its TCP handle and one timer for its owner's timeouts. It is
+ * closed with io_close() or io_close_after_flush(); on_closed fires once both
+ * handles are closed, and only then may the owner free the memory. */
+#ifndef ERRORD_IO_H
+#define ERRORD_IO_H
+
+#include "buf.h"
+
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct io_s io_t;
+typedef void (*io_cb)(io_t *io);
+
+struct io_s {
+    uv_tcp_t tcp;
+    uv_timer_t timer;
+    buf_t out;          /* gathered, not yet handed to the socket */
+    size_t in_flight;   /* handed to libuv, not yet written */
+    size_t low_water;   /* on_drain fires once pending output is this small */
+    io_cb on_drain;     /* optional: output drained to low_water */
+    io_cb on_error;     /* optional: a write failed; the connection is broken */
+    io_cb on_closed;    /* both handles are closed */
+    void *owner;
+    int open_handles;
+    uint64_t linger_ms;
+    unsigned closing : 1;     /* io_close() was called */
+    unsigned close_after : 1; /* close once the output is written */
+    unsigned failed : 1;      /* a write failed */
+};
+
+/* Initializes the handles on `loop`. Returns 0 or a libuv error. */
+int io_init(uv_loop_t *loop, io_t *io, void *owner);
+
+/* Gathers bytes for the next flush. Returns 0 or -ENOMEM. */
+int io_append(io_t *io, const void *p, size_t n);
+
+/* Writes the gathered bytes. Returns 0, or a negative error when the
+ * connection is broken (on_error is not called for that). */
+int io_flush(io_t *io);
+
+/* Bytes gathered or in flight. */
+static inline size_t io_pending(const io_t *io) { return io->out.len + io->in_flight; }
+
+/* Closes now, dropping unwritten output. */
+void io_close(io_t *io);
+
+/* Writes what is gathered, sends FIN, reads and discards what the peer still
+ * sends for up to `linger_ms` (so it is not reset before it reads the
+ * answer), then closes. */
+void io_close_after_flush(io_t *io, uint64_t linger_ms);
+
+/* The peer's address as text ("127.0.0.1"), or "-" when unknown. */
+void io_peer_addr(io_t *io, char *out, size_t n);
+
+#endif

@@ -1,0 +1,171 @@
+/* log: JSON lines on stdout, one record per line, with levels. */
+#include "log.h"
+
+#include "buf.h"
+#include "clock.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Queued records are written once this many bytes are waiting. */
+#define LOG_FLUSH_AT (64 * 1024)
+
+struct log_record_s {
+    buf_t *out;
+    size_t start; /* where this record begins in `out`, to undo on failure */
+};
+
+static const char *const LEVEL_NAME[] = {"debug", "info", "warn", "error"};
+static log_level_t min_level = LOG_INFO;
+static _Thread_local buf_t pending;
+static _Thread_local int buffered;
+static _Thread_local log_record_t current;
+
+void log_set_level(log_level_t level)
+{
+    min_level = level;
+}
+
+int log_level_parse(const char *s, log_level_t *level)
+{
+    for (int i = LOG_DEBUG; i <= LOG_ERROR; i++) {
+        if (strcmp(s, LEVEL_NAME[i]) == 0) {
+            *level = (log_level_t)i;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+int log_enabled(log_level_t level)
+{
+    return level >= min_level;
+}
+
+log_record_t *log_begin(log_level_t level, const char *msg)
+{
+    if (level < min_level)
+        return NULL;
+    char ts[32];
+    int n = clock_rfc3339(clock_wall_ms(), ts);
+    current.out = &pending;
+    current.start = pending.len;
+    buf_puts(&pending, "{\"time\":\"");
+    buf_append(&pending, ts, (size_t)n);
+    buf_puts(&pending, "\",\"level\":\"");
+    buf_puts(&pending, LEVEL_NAME[level]);
+    buf_puts(&pending, "\"");
+    if (msg != NULL)
+        log_str(&current, "msg", msg);
+    return &current;
+}
+
+static void key(log_record_t *r, const char *k)
+{
+    buf_puts(r->out, ",\"");
+    buf_puts(r->out, k);
+    buf_puts(r->out, "\":");
+}
+
+void log_strn(log_record_t *r, const char *k, const char *value, size_t n)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    if (value == NULL) {
+        buf_puts(r->out, "null");
+        return;
+    }
+    buf_puts(r->out, "\"");
+    buf_json_escape(r->out, value, n);
+    buf_puts(r->out, "\"");
+}
+
+void log_str(log_record_t *r, const char *k, const char *value)
+{
+    log_strn(r, k, value, value ? strlen(value) : 0);
+}
+
+void log_int(log_record_t *r, const char *k, int64_t value)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    buf_printf(r->out, "%" PRId64, value);
+}
+
+void log_double(log_record_t *r, const char *k, double value, int decimals)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    buf_printf(r->out, "%.*f", decimals, value);
+}
+
+void log_bool(log_record_t *r, const char *k, int value)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    buf_puts(r->out, value ? "true" : "false");
+}
+
+void log_raw(log_record_t *r, const char *k, const char *json, size_t n)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    buf_append(r->out, json, n);
+}
+
+void log_end(log_record_t *r)
+{
+    if (r == NULL)
+        return;
+    if (buf_puts(r->out, "}\n") < 0) {
+        r->out->len = r->start; /* out of memory: drop this record whole */
+        return;
+    }
+    if (!buffered || pending.len >= LOG_FLUSH_AT)
+        log_flush();
+}
+
+void log_msgf(log_level_t level, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    if (level < min_level)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    log_end(log_begin(level, msg));
+}
+
+void log_set_buffered(int on)
+{
+    buffered = on;
+    if (!on) {
+        log_flush();
+        buf_free(&pending);
+    }
+}
+
+void log_flush(void)
+{
+    size_t off = 0;
+    while (off < pending.len) {
+        ssize_t n = write(STDOUT_FILENO, pending.data + off, pending.len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* stdout is gone; nothing sensible is left to do */
+        off += (size_t)n;
+    }
+    pending.len = 0;
+}

@@ -1,0 +1,1206 @@
+/* proxy: the client side of errord (see proxy.h).
+ *
+ * A client connection serves one transaction (txn) at a time: the request
+ * is read and forwarded to an upstream connection as it arrives, the response
+ * streams back, and only then is the next pipelined request parsed, so
+ * answers go out in order. Parser callbacks only forward bytes and set
+ * flags; what follows from them (finishing a transaction, releasing a
+ * connection, starting the next request) happens after the parser returns,
+ * never from inside it. */
+#include "proxy.h"
+
+#include "buf.h"
+#include "clock.h"
+#include "http.h"
+#include "io.h"
+#include "list.h"
+#include "log.h"
+#include "upstream.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define READ_BUF_SIZE (64 * 1024)
+/* Stop reading a side once this much is waiting to be written to the other. */
+#define HIGH_WATER (256 * 1024)
+/* Request bytes kept so a request can be sent again on a fresh connection. */
+#define REPLAY_LIMIT (1024 * 1024)
+/* Pipelined bytes held while a request is being served. */
+#define PIPELINE_LIMIT (64 * 1024)
+/* How long a closing connection reads and discards what the client sends. */
+#define LINGER_MS 2000
+#define MAX_ATTEMPTS 16
+#define REQUEST_ID_MAX 200
+
+typedef struct client_s client_t;
+
+typedef struct {
+    int status;        /* upstream status, or 0 */
+    const char *error; /* error kind when there is no status */
+    const char *note;  /* why it was retried, or NULL */
+    uint64_t ns;
+} attempt_t;
+
+typedef struct {
+    client_t *client;
+    http_head_t *req;
+    char id[REQUEST_ID_MAX + 1];
+    uint64_t t0;
+    buf_t head;         /* the request head as sent upstream */
+    buf_t body;         /* request body bytes not yet forwarded, or all of them while replayable */
+    size_t body_fwd;    /* bytes of `body` forwarded on this attempt */
+    uint64_t body_in;   /* request body bytes received */
+    uint64_t bytes_out; /* response body bytes sent to the client */
+    upconn_t *up;
+    http_head_t *res;
+    int status;          /* what the client got */
+    const char *error;   /* why the transaction ended badly */
+    uint64_t attempt_t0;
+    uint64_t res_bytes;  /* bytes received from the upstream on this attempt */
+    attempt_t attempts[MAX_ATTEMPTS];
+    int n_attempts;
+    unsigned req_done : 1;    /* the whole request was read */
+    unsigned replayable : 1;  /* `body` holds the whole body read so far */
+    unsigned up_ready : 1;    /* the upstream connection is usable */
+    unsigned up_reused : 1;   /* ... and came from the pool */
+    unsigned end_sent : 1;    /* the whole request went upstream */
+    unsigned up_paused : 1;   /* upstream reads stopped for backpressure */
+    unsigned res_done : 1;    /* the response is complete */
+    unsigned committed : 1;   /* the response head went to the client */
+    unsigned chunk_out : 1;   /* the response body is chunk-encoded to the client */
+    unsigned close_out : 1;   /* the response body ends when the connection closes */
+    unsigned keep_alive : 1;  /* the client connection continues afterwards */
+    unsigned stale_retried : 1;
+    unsigned started : 1;     /* the first attempt has begun */
+} txn_t;
+
+struct client_s {
+    io_t io;
+    proxy_t *proxy;
+    list_t link;
+    http_parser_t *parser;
+    txn_t *txn;
+    buf_t in; /* pipelined bytes held back while a request is served */
+    char addr[64];
+    int reading;
+    int eof;
+    int timer_mode;
+};
+
+enum { CT_NONE, CT_HEADER, CT_BODY, CT_IDLE };
+
+struct proxy_s {
+    uv_loop_t *loop;
+    const config_t *cfg;
+    proxy_shared_t *shared;
+    uv_tcp_t listener;
+    uv_check_t flusher;
+    upstream_t *upstream;
+    http_limits_t req_limits;
+    http_limits_t res_limits;
+    list_t clients;
+    char *rbuf;
+    uint64_t rng[2];
+    time_t date_at;
+    char date[32];
+    int listening;
+    int draining;
+    int open_handles;
+    void (*on_done)(void *arg);
+    void *done_arg;
+};
+
+static void client_read_on(client_t *c, int on);
+static void client_next(client_t *c, int keep_alive);
+static void client_close(client_t *c, const char *why);
+static void client_abort(client_t *c, const char *why);
+static void txn_pump(txn_t *t);
+static int txn_flush(txn_t *t);
+static int txn_attempt(txn_t *t, int fresh);
+static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message);
+static void maybe_done(proxy_t *p);
+
+/* ---- small helpers ---------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+{
+    (void)suggested;
+    proxy_t *p = h->loop->data;
+    *b = uv_buf_init(p->rbuf, READ_BUF_SIZE);
+}
+
+static const char *http_date(proxy_t *p)
+{
+    time_t now = time(NULL);
+    if (now != p->date_at) {
+        clock_http_date(now, p->date);
+        p->date_at = now;
+    }
+    return p->date;
+}
+
+static uint64_t next_random(proxy_t *p)
+{
+    /* xorshift128+ */
+    uint64_t s1 = p->rng[0];
+    const uint64_t s0 = p->rng[1];
+    p->rng[0] = s0;
+    s1 ^= s1 << 23;
+    p->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return p->rng[1] + s0;
+}
+
+static double ms_since(uint64_t t0)
+{
+    return (double)(clock_now_ns() - t0) / 1e6;
+}
+
+/* ---- errord's own answers (SPEC §4) ------------------------------------------ */
+
+/* Writes a complete JSON error response to the client. */
+static void write_error(client_t *c, txn_t *t, int status, const char *message, int keep)
+{
+    buf_t body = BUF_INIT;
+    buf_puts(&body, "{\"message\":\"");
+    buf_json_escape(&body, message, strlen(message));
+    buf_puts(&body, "\"}\n");
+
+    buf_t out = BUF_INIT;
+    buf_printf(&out,
+               "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+               "Date: %s\r\n",
+               status, http_reason(status), body.len, http_date(c->proxy));
+    if (t != NULL)
+        buf_printf(&out, "X-Request-Id: %s\r\n", t->id);
+    if (!keep)
+        buf_puts(&out, "Connection: close\r\n");
+    else if (t != NULL && t->req->version == 10)
+        buf_puts(&out, "Connection: keep-alive\r\n");
+    buf_puts(&out, "\r\n");
+    if (t == NULL || t->req->method != HTTP_M_HEAD)
+        buf_append(&out, body.data, body.len);
+    io_append(&c->io, out.data, out.len);
+    buf_free(&out);
+    buf_free(&body);
+}
+
+/* ---- the access record (SPEC §6) ----------------------------------------------- */
+
+static void log_access(txn_t *t)
+{
+    log_record_t *r = log_begin(LOG_INFO, NULL);
+    if (r == NULL)
+        return;
+    client_t *c = t->client;
+    log_str(r, "type", "access");
+    log_str(r, "request_id", t->id);
+    log_str(r, "client", c->addr);
+    log_str(r, "method", t->req->method_name);
+    log_strn(r, "path", t->req->target, t->req->target_len);
+    log_str(r, "version", t->req->version == 10 ? "HTTP/1.0" : "HTTP/1.1");
+    log_int(r, "status", t->status);
+    if (t->res != NULL)
+        log_int(r, "upstream_status", t->res->status);
+    else
+        log_raw(r, "upstream_status", "null", 4);
+    log_int(r, "bytes_in", (int64_t)t->body_in);
+    log_int(r, "bytes_out", (int64_t)t->bytes_out);
+    log_double(r, "duration_ms", ms_since(t->t0), 3);
+
+    buf_t a = BUF_INIT;
+    buf_puts(&a, "[");
+    for (int i = 0; i < t->n_attempts; i++) {
+        const attempt_t *at = &t->attempts[i];
+        buf_printf(&a, "%s{\"attempt\":%d,", i ? "," : "", i + 1);
+        if (at->status)
+            buf_printf(&a, "\"status\":%d,", at->status);
+        else
+            buf_printf(&a, "\"error\":\"%s\",", at->error ? at->error : "aborted");
+        buf_printf(&a, "\"duration_ms\":%.3f", (double)at->ns / 1e6);
+        if (at->note)
+            buf_printf(&a, ",\"verdict\":\"retry\",\"reason\":\"%s\"", at->note);
+        else
+            buf_puts(&a, ",\"verdict\":\"pass\"");
+        buf_puts(&a, "}");
+    }
+    buf_puts(&a, "]");
+    log_raw(r, "attempts", a.data, a.len);
+    buf_free(&a);
+    if (t->error != NULL)
+        log_str(r, "error", t->error);
+    log_end(r);
+}
+
+/* ---- transactions ------------------------------------------------------------- */
+
+static void attempt_end(txn_t *t, int status, const char *error, const char *note)
+{
+    if (t->attempt_t0 == 0 || t->n_attempts >= MAX_ATTEMPTS)
+        return;
+    attempt_t *a = &t->attempts[t->n_attempts++];
+    a->status = status;
+    a->error = error;
+    a->note = note;
+    a->ns = clock_now_ns() - t->attempt_t0;
+    t->attempt_t0 = 0;
+}
+
+static void txn_free(txn_t *t)
+{
+    http_head_free(t->req);
+    http_head_free(t->res);
+    buf_free(&t->head);
+    buf_free(&t->body);
+    free(t);
+}
+
+/* Ends the upstream side of the transaction. */
+static void txn_release_upstream(txn_t *t, int reusable)
+{
+    if (t->up == NULL)
+        return;
+    upconn_t *u = t->up;
+    t->up = NULL;
+    t->up_ready = 0;
+    t->up_paused = 0;
+    uv_read_stop((uv_stream_t *)&u->io.tcp);
+    upstream_release(u, reusable);
+}
+
+/* The transaction is over: log it and let the connection go on (or close). */
+static void txn_finish(txn_t *t)
+{
+    client_t *c = t->client;
+    int keep = t->keep_alive && !t->close_out;
+    txn_release_upstream(t, 0);
+    log_access(t);
+    c->txn = NULL;
+    txn_free(t);
+    client_next(c, keep);
+}
+
+static const char *request_id(txn_t *t, proxy_t *p)
+{
+    const http_header_t *h = http_head_find(t->req, "x-request-id");
+    if (h != NULL && h->value_len > 0 && h->value_len <= REQUEST_ID_MAX) {
+        int ok = 1;
+        for (uint32_t i = 0; i < h->value_len && ok; i++)
+            ok = h->value[i] > 0x20 && h->value[i] < 0x7f && h->value[i] != '"' &&
+                 h->value[i] != '\\';
+        if (ok) {
+            memcpy(t->id, h->value, h->value_len);
+            t->id[h->value_len] = '\0';
+            return t->id;
+        }
+    }
+    snprintf(t->id, sizeof t->id, "%016llx%016llx", (unsigned long long)next_random(p),
+             (unsigned long long)next_random(p));
+    return t->id;
+}
+
+static int header_skipped_upstream(const http_header_t *f)
+{
+    if (f->flags & HTTP_HDR_HOP)
+        return 1;
+    switch (f->name_len) {
+    case 4: return strncasecmp(f->name, "host", 4) == 0;
+    case 12: return strncasecmp(f->name, "x-request-id", 12) == 0;
+    case 15: return strncasecmp(f->name, "x-forwarded-for", 15) == 0;
+    case 17: return strncasecmp(f->name, "x-forwarded-proto", 17) == 0;
+    default: return 0;
+    }
+}
+
+/* The request head as the upstream gets it: hop-by-hop fields dropped, Host
+ * set to the upstream's authority, X-Forwarded-*, X-Request-Id and Via
+ * added, and the framing errord itself uses. */
+static void build_request_head(txn_t *t, proxy_t *p)
+{
+    const http_head_t *r = t->req;
+    const config_t *cfg = p->cfg;
+    buf_t *b = &t->head;
+
+    buf_append(b, r->method_name, strlen(r->method_name));
+    buf_puts(b, " ");
+    buf_append(b, r->target, r->target_len);
+    buf_puts(b, " HTTP/1.1\r\nHost: ");
+    if (cfg->preserve_host && r->authority != NULL) {
+        buf_append(b, r->authority, r->authority_len);
+    } else if (cfg->preserve_host && http_head_find(r, "host") != NULL) {
+        const http_header_t *h = http_head_find(r, "host");
+        buf_append(b, h->value, h->value_len);
+    } else {
+        buf_puts(b, cfg->upstream_authority);
+    }
+    buf_puts(b, "\r\n");
+
+    int xff = 0;
+    for (size_t i = 0; i < r->n_headers; i++) {
+        const http_header_t *f = &r->headers[i];
+        if (!(f->flags & HTTP_HDR_HOP) && f->name_len == 15 &&
+            strncasecmp(f->name, "x-forwarded-for", 15) == 0) {
+            buf_puts(b, xff++ ? ", " : "X-Forwarded-For: ");
+            buf_append(b, f->value, f->value_len);
+            continue;
+        }
+        if (header_skipped_upstream(f))
+            continue;
+        buf_append(b, f->name, f->name_len);
+        buf_puts(b, ": ");
+        buf_append(b, f->value, f->value_len);
+        buf_puts(b, "\r\n");
+    }
+    buf_puts(b, xff ? ", " : "X-Forwarded-For: ");
+    buf_puts(b, t->client->addr);
+    buf_printf(b, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\nVia: 1.1 errord\r\n", t->id);
+    if (r->flags & HTTP_F_CHUNKED) {
+        buf_puts(b, "Transfer-Encoding: ");
+        if (r->codings != NULL) {
+            buf_append(b, r->codings, r->codings_len);
+            buf_puts(b, ", ");
+        }
+        buf_puts(b, "chunked\r\n");
+    } else if (r->content_length >= 0) {
+        buf_printf(b, "Content-Length: %lld\r\n", (long long)r->content_length);
+    }
+    buf_puts(b, "\r\n");
+}
+
+/* Whether the client connection can serve another request after this one. */
+static int client_wants_more(const txn_t *t)
+{
+    const client_t *c = t->client;
+    if (c->eof || c->proxy->draining || !t->req_done)
+        return 0;
+    if (t->req->version == 10)
+        return (t->req->flags & HTTP_F_KEEP_ALIVE) != 0;
+    return !(t->req->flags & HTTP_F_CLOSE);
+}
+
+/* Answers the transaction with errord's own error, then ends it. */
+static int txn_fail(txn_t *t, int status, const char *message)
+{
+    client_t *c = t->client;
+    t->status = status;
+    if (t->error == NULL)
+        t->error = message;
+    if (t->committed) {
+        /* Part of a response is out: the client must see it broken. */
+        client_close(c, message);
+        return -1;
+    }
+    t->committed = 1;
+    t->keep_alive = client_wants_more(t);
+    write_error(c, t, status, message, t->keep_alive);
+    txn_finish(t);
+    return -1;
+}
+
+static void on_up_drain(io_t *io);
+static void on_up_write_error(io_t *io);
+static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+static void on_up_timeout(uv_timer_t *timer);
+
+static void up_timer(txn_t *t, uint64_t ms)
+{
+    uv_timer_start(&t->up->io.timer, on_up_timeout, ms, 0);
+}
+
+/* The upstream connection is ready: send the request (what has arrived).
+ * Returns -1 when the transaction ended. */
+static int txn_up_ready(txn_t *t)
+{
+    upconn_t *u = t->up;
+    proxy_t *p = t->client->proxy;
+    t->up_ready = 1;
+    u->io.on_drain = on_up_drain;
+    u->io.on_error = on_up_write_error;
+    http_parser_set_head_request(u->parser, t->req->method == HTTP_M_HEAD);
+    if (uv_read_start((uv_stream_t *)&u->io.tcp, on_alloc, on_up_read) < 0)
+        return txn_upstream_failed(t, "reset", 502, "upstream connection failed");
+    io_append(&u->io, t->head.data, t->head.len);
+    up_timer(t, p->cfg->upstream_idle_timeout);
+    txn_pump(t);
+    return txn_flush(t);
+}
+
+static void on_up_ready(upconn_t *u, int status)
+{
+    txn_t *t = u->owner;
+    if (status < 0) {
+        const char *why = status == UV_ETIMEDOUT ? "upstream connect timed out"
+                          : (status == UV_EAI_NONAME || status == UV_EAI_AGAIN ||
+                             status == UV_EAI_FAIL)
+                              ? "could not resolve the upstream host"
+                              : "upstream refused the connection";
+        txn_upstream_failed(t, "connect", status == UV_ETIMEDOUT ? 504 : 502, why);
+        return;
+    }
+    t->up_reused = 0;
+    txn_up_ready(t);
+}
+
+/* Starts an attempt: sends the request on a pooled or new connection.
+ * Returns -1 when the transaction ended. */
+static int txn_attempt(txn_t *t, int fresh)
+{
+    proxy_t *p = t->client->proxy;
+    t->attempt_t0 = clock_now_ns();
+    t->res_bytes = 0;
+    t->body_fwd = 0;
+    t->end_sent = 0;
+    t->up_ready = 0;
+    int rc = upstream_lease(p->upstream, t, fresh, on_up_ready, &t->up);
+    if (rc < 0) {
+        t->up = NULL;
+        return txn_upstream_failed(t, "connect", 502, "could not open an upstream connection");
+    }
+    if (rc == 1) {
+        t->up_reused = 1;
+        return txn_up_ready(t);
+    }
+    return 0;
+}
+
+/* Forwards the request body that has arrived, framed for the upstream. */
+static void txn_pump(txn_t *t)
+{
+    if (!t->up_ready || t->end_sent)
+        return;
+    io_t *io = &t->up->io;
+    size_t n = t->body.len - t->body_fwd;
+    if (n > 0) {
+        if (t->req->flags & HTTP_F_CHUNKED) {
+            char line[24];
+            int len = snprintf(line, sizeof line, "%zx\r\n", n);
+            io_append(io, line, (size_t)len);
+            io_append(io, t->body.data + t->body_fwd, n);
+            io_append(io, "\r\n", 2);
+        } else {
+            io_append(io, t->body.data + t->body_fwd, n);
+        }
+        t->body_fwd = t->body.len;
+        if (!t->replayable) {
+            buf_clear(&t->body);
+            t->body_fwd = 0;
+        }
+    }
+    if (t->req_done) {
+        if (t->req->flags & HTTP_F_CHUNKED)
+            io_append(io, "0\r\n\r\n", 5);
+        t->end_sent = 1;
+        if (t->res == NULL)
+            up_timer(t, t->client->proxy->cfg->first_byte_timeout);
+    }
+}
+
+/* Writes what both sides have gathered. Returns -1 when the transaction
+ * ended because a connection broke. */
+static int txn_flush(txn_t *t)
+{
+    client_t *c = t->client;
+    if (t->up != NULL && io_flush(&t->up->io) < 0)
+        return txn_upstream_failed(t, "reset", 502, "upstream connection broke");
+    if (io_flush(&c->io) < 0) {
+        client_abort(c, "client connection broke");
+        return -1;
+    }
+    return 0;
+}
+
+/* The upstream failed without a usable response: try once more on a fresh
+ * connection when a pooled one turned out dead, else answer 502/504.
+ * Returns -1 when the transaction ended. */
+static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message)
+{
+    proxy_t *p = t->client->proxy;
+    int stale = t->up_reused && t->res_bytes == 0 && !t->committed && !t->stale_retried &&
+                t->replayable && strcmp(kind, "reset") == 0;
+    attempt_end(t, 0, kind, stale ? "stale_connection" : NULL);
+    txn_release_upstream(t, 0);
+    if (stale) {
+        /* A pooled connection the upstream had already closed: the request
+         * never reached it, so it goes again on a new connection. */
+        t->stale_retried = 1;
+        return txn_attempt(t, 1);
+    }
+    log_record_t *r = log_begin(LOG_WARN, "upstream failed");
+    log_str(r, "request_id", t->id);
+    log_str(r, "kind", kind);
+    log_str(r, "error", message);
+    log_str(r, "upstream", p->cfg->upstream);
+    log_end(r);
+    return txn_fail(t, status, message);
+}
+
+/* Sends the response head to the client, with errord's framing. */
+static void txn_commit(txn_t *t)
+{
+    client_t *c = t->client;
+    const http_head_t *res = t->res;
+    buf_t b = BUF_INIT;
+    int has_date = 0;
+
+    t->committed = 1;
+    t->status = res->status;
+    buf_printf(&b, "HTTP/1.1 %d ", res->status);
+    if (res->reason_len > 0)
+        buf_append(&b, res->reason, res->reason_len);
+    else
+        buf_puts(&b, http_reason(res->status));
+    buf_puts(&b, "\r\n");
+    for (size_t i = 0; i < res->n_headers; i++) {
+        const http_header_t *f = &res->headers[i];
+        if (f->flags & HTTP_HDR_HOP)
+            continue;
+        if (f->name_len == 12 && strncasecmp(f->name, "x-request-id", 12) == 0)
+            continue;
+        if (f->name_len == 4 && strncasecmp(f->name, "date", 4) == 0)
+            has_date = 1;
+        buf_append(&b, f->name, f->name_len);
+        buf_puts(&b, ": ");
+        buf_append(&b, f->value, f->value_len);
+        buf_puts(&b, "\r\n");
+    }
+    if (!has_date)
+        buf_printf(&b, "Date: %s\r\n", http_date(c->proxy));
+    buf_printf(&b, "X-Request-Id: %s\r\nVia: 1.1 errord\r\n", t->id);
+
+    t->keep_alive = client_wants_more(t);
+    if (res->flags & HTTP_F_NO_BODY) {
+        /* HEAD and 304 keep the length of the representation they describe. */
+        if (res->content_length >= 0 && res->status != 204)
+            buf_printf(&b, "Content-Length: %lld\r\n", (long long)res->content_length);
+    } else if (res->content_length >= 0) {
+        buf_printf(&b, "Content-Length: %lld\r\n", (long long)res->content_length);
+    } else if (t->req->version == 11) {
+        t->chunk_out = 1;
+        buf_puts(&b, "Transfer-Encoding: ");
+        if (res->codings != NULL) {
+            buf_append(&b, res->codings, res->codings_len);
+            buf_puts(&b, ", ");
+        }
+        buf_puts(&b, "chunked\r\n");
+    } else {
+        t->close_out = 1; /* HTTP/1.0 has no chunked: the close ends the body */
+        t->keep_alive = 0;
+    }
+    if (!t->keep_alive)
+        buf_puts(&b, "Connection: close\r\n");
+    else if (t->req->version == 10)
+        buf_puts(&b, "Connection: keep-alive\r\n");
+    buf_puts(&b, "\r\n");
+    io_append(&c->io, b.data, b.len);
+    buf_free(&b);
+}
+
+/* The response is complete: end the body and the transaction. */
+static void txn_response_done(txn_t *t, int extra_bytes)
+{
+    const http_head_t *res = t->res;
+    if (t->chunk_out)
+        io_append(&t->client->io, "0\r\n\r\n", 5);
+    int reusable = !extra_bytes && t->end_sent && !(res->flags & HTTP_F_BODY_TO_EOF) &&
+                   !(res->flags & HTTP_F_CLOSE) &&
+                   (res->version == 11 || (res->flags & HTTP_F_KEEP_ALIVE));
+    attempt_end(t, res->status, NULL, NULL);
+    txn_release_upstream(t, reusable);
+    txn_finish(t);
+}
+
+/* ---- upstream events ------------------------------------------------------------ */
+
+static int on_res_head(void *ud, http_head_t *head)
+{
+    upconn_t *u = ud;
+    txn_t *t = u->owner;
+    if (head->status < 200) {
+        http_head_free(head); /* interim: the final response follows */
+        return 0;
+    }
+    t->res = head;
+    txn_commit(t);
+    up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
+    return 0;
+}
+
+static int on_res_body(void *ud, const char *at, size_t n)
+{
+    upconn_t *u = ud;
+    txn_t *t = u->owner;
+    io_t *out = &t->client->io;
+    if (t->chunk_out) {
+        char line[24];
+        int len = snprintf(line, sizeof line, "%zx\r\n", n);
+        io_append(out, line, (size_t)len);
+        io_append(out, at, n);
+        io_append(out, "\r\n", 2);
+    } else {
+        io_append(out, at, n);
+    }
+    t->bytes_out += n;
+    return 0;
+}
+
+static int on_res_end(void *ud)
+{
+    upconn_t *u = ud;
+    txn_t *t = u->owner;
+    if (t->res != NULL)
+        t->res_done = 1;
+    return 0;
+}
+
+static const http_handler_t RESPONSE_HANDLER = {on_res_head, on_res_body, on_res_end};
+
+static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    upconn_t *u = ((io_t *)s->data)->owner;
+    txn_t *t = u->owner;
+    if (nread == 0)
+        return;
+    if (nread < 0) {
+        if (http_parser_finish(u->parser) == 0 && t->res_done) {
+            txn_response_done(t, 0);
+            return;
+        }
+        if (t->res == NULL)
+            txn_upstream_failed(t, "reset", 502,
+                                "upstream closed the connection before responding");
+        else
+            txn_upstream_failed(t, "reset", 502, "upstream closed the connection mid-response");
+        return;
+    }
+    const char *data = b->base;
+    size_t n = (size_t)nread;
+    t->res_bytes += n;
+    while (n > 0) {
+        ssize_t used = http_parser_feed(u->parser, data, n);
+        if (used < 0) {
+            const http_error_t *e = http_parser_error(u->parser);
+            log_record_t *r = log_begin(LOG_WARN, "invalid response from upstream");
+            log_str(r, "request_id", t->id);
+            log_str(r, "error", e->message);
+            log_end(r);
+            txn_upstream_failed(t, "protocol", 502, "invalid response from upstream");
+            return;
+        }
+        data += used;
+        n -= (size_t)used;
+        if (!http_parser_ended(u->parser))
+            break;
+        if (!t->res_done) {
+            http_parser_resume(u->parser); /* after an interim response */
+            continue;
+        }
+        txn_response_done(t, n > 0);
+        return;
+    }
+    if (io_pending(&t->client->io) > HIGH_WATER) {
+        t->up_paused = 1;
+        uv_read_stop(s);
+    }
+    if (t->res != NULL)
+        up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
+    txn_flush(t);
+}
+
+static void on_up_timeout(uv_timer_t *timer)
+{
+    upconn_t *u = ((io_t *)timer->data)->owner;
+    txn_t *t = u->owner;
+    const char *why = !t->end_sent     ? "upstream stopped reading the request"
+                      : t->res == NULL ? "upstream did not respond in time"
+                                       : "upstream stalled mid-response";
+    txn_upstream_failed(t, "timeout", 504, why);
+}
+
+static void on_up_drain(io_t *io)
+{
+    upconn_t *u = io->owner;
+    txn_t *t = u->owner;
+    if (!t->end_sent)
+        up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
+    if (!t->req_done)
+        client_read_on(t->client, 1);
+}
+
+static void on_up_write_error(io_t *io)
+{
+    upconn_t *u = io->owner;
+    txn_upstream_failed(u->owner, "reset", 502, "upstream connection broke");
+}
+
+/* ---- request events ---------------------------------------------------------------- */
+
+static int on_req_head(void *ud, http_head_t *head)
+{
+    client_t *c = ud;
+    proxy_t *p = c->proxy;
+    txn_t *t = calloc(1, sizeof *t);
+    if (t == NULL) {
+        http_head_free(head);
+        return -1;
+    }
+    t->client = c;
+    t->req = head;
+    t->t0 = clock_now_ns();
+    t->status = 0;
+    t->replayable = head->content_length <= REPLAY_LIMIT;
+    c->txn = t;
+    request_id(t, p);
+
+    if (p->cfg->max_body_size > 0 && head->content_length > (int64_t)p->cfg->max_body_size) {
+        t->status = 413;
+        return -1;
+    }
+    build_request_head(t, p);
+    if ((head->flags & HTTP_F_EXPECT_CONTINUE) && head->version == 11 &&
+        !(head->flags & HTTP_F_NO_BODY))
+        io_append(&c->io, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    return 0;
+}
+
+static int on_req_body(void *ud, const char *at, size_t n)
+{
+    client_t *c = ud;
+    txn_t *t = c->txn;
+    const config_t *cfg = c->proxy->cfg;
+    t->body_in += n;
+    if (cfg->max_body_size > 0 && t->body_in > cfg->max_body_size) {
+        t->status = 413;
+        return -1;
+    }
+    if (t->replayable && t->body_in > REPLAY_LIMIT)
+        t->replayable = 0;
+    if (!t->replayable && t->body_fwd > 0 && t->body_fwd == t->body.len) {
+        buf_clear(&t->body);
+        t->body_fwd = 0;
+    }
+    if (buf_append(&t->body, at, n) < 0)
+        return -1;
+    return 0;
+}
+
+static int on_req_end(void *ud)
+{
+    client_t *c = ud;
+    c->txn->req_done = 1;
+    return 0;
+}
+
+static const http_handler_t REQUEST_HANDLER = {on_req_head, on_req_body, on_req_end};
+
+/* ---- client connections ---------------------------------------------------------- */
+
+static void on_client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+static void client_reject(client_t *c, int status, const char *message);
+
+static void client_read_on(client_t *c, int on)
+{
+    if (c->io.closing || c->io.close_after || on == c->reading)
+        return;
+    if (on && uv_read_start((uv_stream_t *)&c->io.tcp, on_alloc, on_client_read) < 0)
+        return;
+    if (!on)
+        uv_read_stop((uv_stream_t *)&c->io.tcp);
+    c->reading = on;
+}
+
+static void on_client_timeout(uv_timer_t *timer)
+{
+    client_t *c = ((io_t *)timer->data)->owner;
+    if (c->timer_mode == CT_IDLE) {
+        client_close(c, NULL);
+        return;
+    }
+    if (c->txn != NULL) {
+        client_reject(c, 408, "request body not received in time");
+        return;
+    }
+    client_reject(c, 408, "request head not received in time");
+}
+
+static void client_timer(client_t *c, int mode)
+{
+    const config_t *cfg = c->proxy->cfg;
+    c->timer_mode = mode;
+    switch (mode) {
+    case CT_HEADER:
+        uv_timer_start(&c->io.timer, on_client_timeout, cfg->client_header_timeout, 0);
+        break;
+    case CT_BODY:
+    case CT_IDLE:
+        uv_timer_start(&c->io.timer, on_client_timeout, cfg->client_idle_timeout, 0);
+        break;
+    default:
+        uv_timer_stop(&c->io.timer);
+    }
+}
+
+/* A request could not be read: answer it with errord's error and close. */
+static void client_reject(client_t *c, int status, const char *message)
+{
+    txn_t *t = c->txn;
+    if (t == NULL) {
+        write_error(c, NULL, status, message, 0);
+        log_record_t *r = log_begin(LOG_INFO, "rejected a request");
+        log_str(r, "client", c->addr);
+        log_int(r, "status", status);
+        log_str(r, "error", message);
+        log_end(r);
+    } else {
+        t->error = message;
+        t->status = status;
+        if (!t->committed) {
+            t->committed = 1;
+            write_error(c, t, status, message, 0);
+        }
+    }
+    client_close(c, NULL);
+}
+
+/* Parses what the client sent and forwards what can go upstream. */
+static void client_feed(client_t *c, const char *data, size_t n)
+{
+    if (c->txn != NULL && c->txn->req_done) {
+        /* The next request waits until this one is answered. */
+        buf_append(&c->in, data, n);
+        if (c->in.len > PIPELINE_LIMIT)
+            client_read_on(c, 0);
+        return;
+    }
+    if (c->txn == NULL && http_parser_idle(c->parser))
+        client_timer(c, CT_HEADER);
+    ssize_t used = http_parser_feed(c->parser, data, n);
+    txn_t *t = c->txn;
+    if (used < 0) {
+        const http_error_t *e = http_parser_error(c->parser);
+        if (t != NULL && t->status == 413)
+            client_reject(c, 413, "request body too large");
+        else if (e->status != 0)
+            client_reject(c, e->status, e->message);
+        else
+            client_abort(c, "out of memory");
+        return;
+    }
+    if ((size_t)used < n)
+        buf_append(&c->in, data + used, n - (size_t)used);
+    if (t == NULL)
+        return;
+    client_timer(c, t->req_done ? CT_NONE : CT_BODY);
+    if (!t->started) {
+        t->started = 1;
+        if (txn_attempt(t, 0) < 0)
+            return;
+    } else {
+        txn_pump(t);
+    }
+    size_t waiting = t->up_ready ? io_pending(&t->up->io) : t->body.len - t->body_fwd;
+    if (!t->req_done && waiting > HIGH_WATER)
+        client_read_on(c, 0);
+    txn_flush(t);
+}
+
+static void on_client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    client_t *c = ((io_t *)s->data)->owner;
+    if (nread > 0) {
+        client_feed(c, b->base, (size_t)nread);
+        return;
+    }
+    if (nread == 0)
+        return;
+    if (nread != UV_EOF) {
+        client_abort(c, "client connection reset");
+        return;
+    }
+    /* EOF: the client will send nothing more. */
+    c->eof = 1;
+    client_read_on(c, 0);
+    txn_t *t = c->txn;
+    if (t == NULL) {
+        client_close(c, NULL);
+    } else if (!t->req_done) {
+        t->status = 499;
+        client_abort(c, "client closed the connection mid-request");
+    }
+    /* else: half-closed after a whole request; the answer still goes out */
+}
+
+/* After a transaction: wait for, or parse, the next request; or close. */
+static void client_next(client_t *c, int keep_alive)
+{
+    if (c->io.closing || c->io.close_after)
+        return;
+    if (!keep_alive || c->eof || c->proxy->draining) {
+        client_close(c, NULL);
+        return;
+    }
+    if (io_flush(&c->io) < 0) {
+        client_abort(c, "client connection broke");
+        return;
+    }
+    http_parser_resume(c->parser);
+    client_timer(c, CT_IDLE);
+    if (c->in.len > 0) {
+        buf_t held = c->in;
+        c->in = (buf_t)BUF_INIT;
+        client_feed(c, held.data, held.len);
+        buf_free(&held);
+    }
+    if (!c->io.closing && !c->io.close_after && (c->txn == NULL || !c->txn->req_done))
+        client_read_on(c, 1);
+}
+
+static void on_client_closed(io_t *io)
+{
+    client_t *c = io->owner;
+    proxy_t *p = c->proxy;
+    list_remove(&c->link);
+    http_parser_free(c->parser);
+    buf_free(&c->in);
+    free(c);
+    atomic_fetch_sub(&p->shared->connections, 1);
+    maybe_done(p);
+}
+
+/* Ends the transaction in progress, if any, as the connection goes away. */
+static void client_drop_txn(client_t *c, const char *why)
+{
+    txn_t *t = c->txn;
+    if (t == NULL)
+        return;
+    c->txn = NULL;
+    if (why != NULL && t->error == NULL)
+        t->error = why;
+    if (t->status == 0)
+        t->status = 499; /* the client went away before an answer */
+    if (t->up != NULL)
+        attempt_end(t, 0, "aborted", NULL);
+    txn_release_upstream(t, 0);
+    log_access(t);
+    txn_free(t);
+}
+
+/* Closes the connection after what is gathered is written: the client sees
+ * every byte sent so far, then the end of the connection. `why`, when given,
+ * says what broke. */
+static void client_close(client_t *c, const char *why)
+{
+    client_drop_txn(c, why);
+    uv_timer_stop(&c->io.timer);
+    io_close_after_flush(&c->io, LINGER_MS);
+}
+
+/* Closes the connection at once: the peer is gone or must be cut off. */
+static void client_abort(client_t *c, const char *why)
+{
+    client_drop_txn(c, why);
+    io_close(&c->io);
+}
+
+static void on_client_write_error(io_t *io)
+{
+    client_abort(io->owner, "client connection broke");
+}
+
+static void on_client_drain(io_t *io)
+{
+    client_t *c = io->owner;
+    txn_t *t = c->txn;
+    if (t != NULL && t->up_paused && t->up != NULL) {
+        t->up_paused = 0;
+        uv_read_start((uv_stream_t *)&t->up->io.tcp, on_alloc, on_up_read);
+    }
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    proxy_t *p = server->loop->data;
+    if (status < 0)
+        return;
+    client_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return;
+    c->proxy = p;
+    list_init(&c->link);
+    io_init(p->loop, &c->io, c);
+    c->io.on_closed = on_client_closed;
+    c->io.on_error = on_client_write_error;
+    c->io.on_drain = on_client_drain;
+    list_push_back(&p->clients, &c->link);
+    size_t open = atomic_fetch_add(&p->shared->connections, 1) + 1;
+    if (uv_accept(server, (uv_stream_t *)&c->io.tcp) < 0) {
+        io_close(&c->io);
+        return;
+    }
+    io_peer_addr(&c->io, c->addr, sizeof c->addr);
+    if (open > p->cfg->max_connections) {
+        write_error(c, NULL, 503, "too many connections", 0);
+        log_record_t *r = log_begin(LOG_WARN, "connection limit reached; refused a client");
+        log_str(r, "client", c->addr);
+        log_int(r, "max_connections", (int64_t)p->cfg->max_connections);
+        log_end(r);
+        io_close_after_flush(&c->io, 0);
+        return;
+    }
+    c->parser = http_parser_new(HTTP_PARSE_REQUEST, &p->req_limits, &REQUEST_HANDLER, c);
+    if (c->parser == NULL) {
+        io_close(&c->io);
+        return;
+    }
+    uv_tcp_nodelay(&c->io.tcp, 1);
+    client_timer(c, CT_HEADER);
+    client_read_on(c, 1);
+}
+
+/* ---- the proxy ----------------------------------------------------------------------- */
+
+static void on_check(uv_check_t *h)
+{
+    (void)h;
+    log_flush();
+}
+
+proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared)
+{
+    proxy_t *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return NULL;
+    p->rbuf = malloc(READ_BUF_SIZE);
+    if (p->rbuf == NULL) {
+        free(p);
+        return NULL;
+    }
+    p->loop = loop;
+    p->cfg = cfg;
+    p->shared = shared;
+    p->req_limits.max_line = cfg->max_request_line;
+    p->req_limits.max_head = cfg->max_header_size;
+    p->res_limits.max_line = cfg->max_header_size;
+    p->res_limits.max_head = cfg->max_header_size;
+    list_init(&p->clients);
+    if (getrandom(p->rng, sizeof p->rng, 0) != sizeof p->rng)
+        p->rng[0] = clock_now_ns() ^ (uint64_t)getpid();
+    p->rng[1] |= 1;
+    p->upstream = upstream_new(loop, cfg, &RESPONSE_HANDLER, &p->res_limits);
+    if (p->upstream == NULL) {
+        free(p->rbuf);
+        free(p);
+        return NULL;
+    }
+    loop->data = p;
+    uv_tcp_init(loop, &p->listener);
+    uv_check_init(loop, &p->flusher);
+    uv_check_start(&p->flusher, on_check);
+    p->open_handles = 2;
+    return p;
+}
+
+int proxy_listen(proxy_t *p)
+{
+    const struct sockaddr *addr = (const struct sockaddr *)&p->cfg->listen_addr;
+    int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (p->cfg->workers > 1)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    socklen_t len = addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                : sizeof(struct sockaddr_in);
+    if (bind(fd, addr, len) < 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    int rc = uv_tcp_open(&p->listener, fd);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    rc = uv_listen((uv_stream_t *)&p->listener, 1024, on_connection);
+    if (rc < 0)
+        return rc;
+    p->listening = 1;
+    return 0;
+}
+
+int proxy_address(proxy_t *p, char *out, size_t n)
+{
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    char ip[INET6_ADDRSTRLEN];
+    int rc = uv_tcp_getsockname(&p->listener, (struct sockaddr *)&ss, &len);
+    if (rc < 0)
+        return rc;
+    if (ss.ss_family == AF_INET6) {
+        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+        snprintf(out, n, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+    } else {
+        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+        snprintf(out, n, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+    }
+    return 0;
+}
+
+static void on_proxy_handle_closed(uv_handle_t *h)
+{
+    proxy_t *p = h->loop->data;
+    if (--p->open_handles == 0 && p->on_done != NULL)
+        p->on_done(p->done_arg);
+}
+
+static void on_upstream_closed(void *arg)
+{
+    proxy_t *p = arg;
+    uv_close((uv_handle_t *)&p->flusher, on_proxy_handle_closed);
+}
+
+/* When draining and the last client is gone, close the rest. */
+static void maybe_done(proxy_t *p)
+{
+    if (!p->draining || !list_empty(&p->clients) || p->on_done == NULL)
+        return;
+    if (uv_is_closing((uv_handle_t *)&p->flusher))
+        return;
+    upstream_shutdown(p->upstream, on_upstream_closed, p);
+}
+
+void proxy_drain(proxy_t *p, void (*done)(void *arg), void *arg)
+{
+    int again = p->draining;
+    p->draining = 1;
+    p->on_done = done;
+    p->done_arg = arg;
+    if (!again)
+        uv_close((uv_handle_t *)&p->listener, on_proxy_handle_closed);
+
+    list_t *pos, *tmp;
+    list_for_each_safe(pos, tmp, &p->clients)
+    {
+        client_t *c = list_entry(pos, client_t, link);
+        if (again)
+            client_abort(c, "shut down before the request finished");
+        else if (c->txn == NULL && !c->io.closing && !c->io.close_after)
+            client_close(c, NULL);
+    }
+    if (list_empty(&p->clients))
+        maybe_done(p);
+}
+
+void proxy_free(proxy_t *p)
+{
+    if (p == NULL)
+        return;
+    upstream_free(p->upstream);
+    free(p->rbuf);
+    free(p);
+}

@@ -1,0 +1,63 @@
+/* upstream: connections to the upstream, its resolved addresses and the pool
+ * of idle keep-alive connections.
+ *
+ * A connection is leased to one owner (a transaction) at a time. While
+ * leased, the owner drives its io: reads, writes, the timer. Released, it
+ * either goes back to the pool, where any byte or EOF from the server closes
+ * it, or is closed. */
+#ifndef ERRORD_UPSTREAM_H
+#define ERRORD_UPSTREAM_H
+
+#include "config.h"
+#include "http.h"
+#include "io.h"
+#include "list.h"
+
+#include <uv.h>
+
+typedef struct upstream_s upstream_t;
+typedef struct upconn_s upconn_t;
+
+/* A leased connection is ready (status 0) or could not be made (a libuv
+ * error: UV_ECONNREFUSED, UV_ETIMEDOUT, UV_EAI_NONAME...). */
+typedef void (*upconn_ready_cb)(upconn_t *c, int status);
+
+struct upconn_s {
+    io_t io;
+    upstream_t *up;
+    list_t link;
+    void *owner;            /* the lessee, NULL when idle */
+    upconn_ready_cb on_ready;
+    http_parser_t *parser;  /* responses on this connection */
+    uint64_t served;        /* responses completed on it */
+    uv_connect_t connect_req;
+    int state;
+    int fail_status; /* a connect failure waiting to be reported */
+};
+
+/* Creates the upstream of one event loop. Response parsers of its
+ * connections use `h` (their user data is the upconn_t) and `limits`. */
+upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const http_handler_t *h,
+                         const http_limits_t *limits);
+
+/* Leases a connection to `owner`. When an idle pooled one exists (and
+ * `fresh` is 0), it is returned ready in *out and the result is 1. Otherwise
+ * a new connection is started, *out is set, the result is 0 and `cb` fires
+ * later. A negative result is an error, and `cb` never fires. */
+int upstream_lease(upstream_t *u, void *owner, int fresh, upconn_ready_cb cb, upconn_t **out);
+
+/* Ends a lease: the connection goes back to the pool when `reusable`, else it
+ * is closed (also cancelling a connect in progress). */
+void upstream_release(upconn_t *c, int reusable);
+
+/* Connections open now (pooled, leased and connecting). */
+size_t upstream_open_count(const upstream_t *u);
+
+/* Closes the pooled connections and refuses new leases. Leased ones close
+ * when released. `done` fires once no connection is left open. */
+void upstream_shutdown(upstream_t *u, void (*done)(void *arg), void *arg);
+
+/* Frees the upstream after upstream_shutdown() completed. */
+void upstream_free(upstream_t *u);
+
+#endif
