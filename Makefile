@@ -44,6 +44,9 @@ LIBOBJS = $(LIBSRC:src/%.c=$(BUILD)/%.o)
 LLOBJS  = $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o $(BUILD)/llhttp/llhttp.o
 TOBJS   = $(TESTS:tests/unit/%.c=$(BUILD)/unit/%.o)
 
+# `make V=1` shows the commands.
+Q = $(if $(V),,@)
+
 .PHONY: all setup run test unit integration asan fuzz bench install clean
 
 all: errord
@@ -52,25 +55,30 @@ setup:
 	@scripts/setup
 
 errord: $(BUILD)/errord
-	rm -f $@ && cp $< $@
+	@rm -f $@ && cp $< $@
 
 $(BUILD)/errord: $(OBJS) $(LLOBJS)
-	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
+	@echo "  LD      $@"
+	$(Q)$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
 
 $(BUILD)/%.o: src/%.c $(wildcard src/*.h) | setup
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS_ALL) -c -o $@ $<
+	@echo "  CC      $<"
+	$(Q)$(CC) $(CFLAGS_ALL) -c -o $@ $<
 
 $(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c | setup
 	@mkdir -p $(@D)
-	$(CC) $(LLHTTP_FLAGS) -c -o $@ $<
+	@echo "  CC      $<"
+	$(Q)$(CC) $(LLHTTP_FLAGS) -c -o $@ $<
 
 $(BUILD)/unit/%.o: tests/unit/%.c $(wildcard tests/unit/*.h src/*.h) | setup
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS_ALL) -Isrc -c -o $@ $<
+	@echo "  CC      $<"
+	$(Q)$(CC) $(CFLAGS_ALL) -Isrc -c -o $@ $<
 
 $(BUILD)/unit-tests: $(TOBJS) $(LIBOBJS) $(LLOBJS)
-	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
+	@echo "  LD      $@"
+	$(Q)$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
 
 unit: $(BUILD)/unit-tests
 	$(BUILD)/unit-tests
@@ -84,6 +92,14 @@ test: unit integration
 asan:
 	$(MAKE) BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
 	    LDFLAGS="-fsanitize=address,undefined" test
+
+# A libFuzzer target per parser-facing entry point; run one with
+# build/fuzz/fuzz_http -max_total_time=60 tests/cases/corpus
+fuzz: | setup
+	@mkdir -p build/fuzz
+	clang -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -I$(LLHTTP_INC) -Isrc \
+	    -DLLHTTP_STRICT_MODE=1 tests/fuzz/fuzz_http.c src/http.c src/buf.c $(LLHTTP_SRC)/*.c \
+	    -o build/fuzz/fuzz_http
 
 run: errord
 	@scripts/run

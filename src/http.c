@@ -630,12 +630,12 @@ static int on_headers_complete(llhttp_t *ll)
             h->flags |= HTTP_F_BODY_TO_EOF;
     }
 
-    http_head_t *done = h;
-    p->head = NULL;
-    if (p->h->on_head(p->ud, done) < 0)
+    /* 1 tells llhttp that no body follows, whatever the head says. */
+    int skip_body = !req && (h->flags & HTTP_F_NO_BODY);
+    p->head = NULL; /* the callee's now, and it may free it at once */
+    if (p->h->on_head(p->ud, h) < 0)
         return user_error(p, 0, "stopped");
-    /* 1: no body follows (llhttp then completes the message at once) */
-    return (done->flags & HTTP_F_NO_BODY) && !req ? 1 : 0;
+    return skip_body;
 }
 
 static int on_body(llhttp_t *ll, const char *at, size_t n)

@@ -102,6 +102,7 @@ struct proxy_s {
     uv_tcp_t listener;
     uv_check_t flusher;
     upstream_t *upstream;
+    upstream_owner_t upstream_owner;
     http_limits_t req_limits;
     http_limits_t res_limits;
     list_t clients;
@@ -121,6 +122,7 @@ static void client_next(client_t *c, int keep_alive);
 static void client_close(client_t *c, const char *why);
 static void client_abort(client_t *c, const char *why);
 static void txn_pump(txn_t *t);
+static void txn_body_backpressure(txn_t *t);
 static int txn_flush(txn_t *t);
 static int txn_attempt(txn_t *t, int fresh);
 static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message);
@@ -269,7 +271,6 @@ static void txn_release_upstream(txn_t *t, int reusable)
     t->up = NULL;
     t->up_ready = 0;
     t->up_paused = 0;
-    uv_read_stop((uv_stream_t *)&u->io.tcp);
     upstream_release(u, reusable);
 }
 
@@ -422,12 +423,13 @@ static int txn_up_ready(txn_t *t)
     u->io.on_drain = on_up_drain;
     u->io.on_error = on_up_write_error;
     http_parser_set_head_request(u->parser, t->req->method == HTTP_M_HEAD);
-    if (uv_read_start((uv_stream_t *)&u->io.tcp, on_alloc, on_up_read) < 0)
-        return txn_upstream_failed(t, "reset", 502, "upstream connection failed");
     io_append(&u->io, t->head.data, t->head.len);
     up_timer(t, p->cfg->upstream_idle_timeout);
     txn_pump(t);
-    return txn_flush(t);
+    if (txn_flush(t) < 0)
+        return -1;
+    txn_body_backpressure(t);
+    return 0;
 }
 
 static void on_up_ready(upconn_t *u, int status)
@@ -502,6 +504,16 @@ static void txn_pump(txn_t *t)
 
 /* Writes what both sides have gathered. Returns -1 when the transaction
  * ended because a connection broke. */
+/* Reads the request body only as fast as the upstream takes it: stops the
+ * client's reads while too much waits, resumes them once it drained. */
+static void txn_body_backpressure(txn_t *t)
+{
+    if (t->req_done)
+        return;
+    size_t waiting = t->up_ready ? io_pending(&t->up->io) : t->body.len - t->body_fwd;
+    client_read_on(t->client, waiting <= HIGH_WATER);
+}
+
 static int txn_flush(txn_t *t)
 {
     client_t *c = t->client;
@@ -704,7 +716,7 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     }
     if (io_pending(&t->client->io) > HIGH_WATER) {
         t->up_paused = 1;
-        uv_read_stop(s);
+        upconn_pause(u);
     }
     if (t->res != NULL)
         up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
@@ -727,8 +739,7 @@ static void on_up_drain(io_t *io)
     txn_t *t = u->owner;
     if (!t->end_sent)
         up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
-    if (!t->req_done)
-        client_read_on(t->client, 1);
+    txn_body_backpressure(t);
 }
 
 static void on_up_write_error(io_t *io)
@@ -902,10 +913,8 @@ static void client_feed(client_t *c, const char *data, size_t n)
     } else {
         txn_pump(t);
     }
-    size_t waiting = t->up_ready ? io_pending(&t->up->io) : t->body.len - t->body_fwd;
-    if (!t->req_done && waiting > HIGH_WATER)
-        client_read_on(c, 0);
-    txn_flush(t);
+    if (txn_flush(t) == 0)
+        txn_body_backpressure(t);
 }
 
 static void on_client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
@@ -1017,7 +1026,7 @@ static void on_client_drain(io_t *io)
     txn_t *t = c->txn;
     if (t != NULL && t->up_paused && t->up != NULL) {
         t->up_paused = 0;
-        uv_read_start((uv_stream_t *)&t->up->io.tcp, on_alloc, on_up_read);
+        upconn_resume(t->up);
     }
 }
 
@@ -1090,7 +1099,11 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared)
     if (getrandom(p->rng, sizeof p->rng, 0) != sizeof p->rng)
         p->rng[0] = clock_now_ns() ^ (uint64_t)getpid();
     p->rng[1] |= 1;
-    p->upstream = upstream_new(loop, cfg, &RESPONSE_HANDLER, &p->res_limits);
+    p->upstream_owner.alloc = on_alloc;
+    p->upstream_owner.on_read = on_up_read;
+    p->upstream_owner.response = &RESPONSE_HANDLER;
+    p->upstream_owner.limits = &p->res_limits;
+    p->upstream = upstream_new(loop, cfg, &p->upstream_owner);
     if (p->upstream == NULL) {
         free(p->rbuf);
         free(p);

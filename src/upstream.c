@@ -17,8 +17,7 @@ enum { UC_RESOLVING, UC_CONNECTING, UC_LEASED, UC_IDLE };
 struct upstream_s {
     uv_loop_t *loop;
     const config_t *cfg;
-    const http_handler_t *handler;
-    const http_limits_t *limits;
+    const upstream_owner_t *owner;
     list_t idle;    /* pooled, most recently used first */
     list_t waiting; /* leased, waiting for the first resolution */
     size_t n_idle;
@@ -36,9 +35,8 @@ struct upstream_s {
     void *shutdown_arg;
 };
 
-static _Thread_local char idle_buf[512];
-
 static void start_connect(upconn_t *c);
+static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 
 /* ---- resolution ------------------------------------------------------------- */
 
@@ -107,16 +105,14 @@ static void resolve(upstream_t *u)
         u->resolve_error = rc;
 }
 
-upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const http_handler_t *h,
-                         const http_limits_t *limits)
+upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const upstream_owner_t *owner)
 {
     upstream_t *u = calloc(1, sizeof *u);
     if (u == NULL)
         return NULL;
     u->loop = loop;
     u->cfg = cfg;
-    u->handler = h;
-    u->limits = limits;
+    u->owner = owner;
     list_init(&u->idle);
     list_init(&u->waiting);
     if (uv_ip4_addr(cfg->upstream_host, cfg->upstream_port, (struct sockaddr_in *)&u->addrs[0]) ==
@@ -189,6 +185,10 @@ static void on_connected(uv_connect_t *req, int status)
     }
     uv_tcp_nodelay(&c->io.tcp, 1);
     c->state = UC_LEASED;
+    if (uv_read_start((uv_stream_t *)&c->io.tcp, c->up->owner->alloc, on_conn_read) < 0) {
+        c->on_ready(c, UV_EIO);
+        return;
+    }
     c->on_ready(c, 0);
 }
 
@@ -211,7 +211,6 @@ int upstream_lease(upstream_t *u, void *owner, int fresh, upconn_ready_cb cb, up
         upconn_t *c = list_entry(u->idle.next, upconn_t, link);
         list_remove(&c->link);
         u->n_idle--;
-        uv_read_stop((uv_stream_t *)&c->io.tcp);
         uv_timer_stop(&c->io.timer);
         c->state = UC_LEASED;
         c->owner = owner;
@@ -223,7 +222,7 @@ int upstream_lease(upstream_t *u, void *owner, int fresh, upconn_ready_cb cb, up
     upconn_t *c = calloc(1, sizeof *c);
     if (c == NULL)
         return -ENOMEM;
-    c->parser = http_parser_new(HTTP_PARSE_RESPONSE, u->limits, u->handler, c);
+    c->parser = http_parser_new(HTTP_PARSE_RESPONSE, u->owner->limits, u->owner->response, c);
     if (c->parser == NULL) {
         free(c);
         return -ENOMEM;
@@ -256,24 +255,31 @@ int upstream_lease(upstream_t *u, void *owner, int fresh, upconn_ready_cb cb, up
     return 0;
 }
 
-static void on_idle_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+/* Reads go to the lessee; a pooled connection must stay silent, so data or
+ * EOF there means the connection is done. */
+static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
-    (void)h;
-    (void)suggested;
-    *b = uv_buf_init(idle_buf, sizeof idle_buf);
-}
-
-/* A pooled connection must stay silent: data or EOF means it is done. */
-static void on_idle_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
-{
-    (void)b;
+    upconn_t *c = ((io_t *)s->data)->owner;
+    if (c->state == UC_LEASED) {
+        c->up->owner->on_read(s, nread, b);
+        return;
+    }
     if (nread == 0)
         return;
-    upconn_t *c = ((io_t *)s->data)->owner;
     log_record_t *r = log_begin(LOG_DEBUG, "pooled upstream connection closed");
     log_str(r, "reason", nread < 0 ? uv_strerror((int)nread) : "unexpected data");
     log_end(r);
     conn_close(c);
+}
+
+void upconn_pause(upconn_t *c)
+{
+    uv_read_stop((uv_stream_t *)&c->io.tcp);
+}
+
+void upconn_resume(upconn_t *c)
+{
+    uv_read_start((uv_stream_t *)&c->io.tcp, c->up->owner->alloc, on_conn_read);
 }
 
 static void on_idle_timeout(uv_timer_t *t)
@@ -294,11 +300,8 @@ void upstream_release(upconn_t *c, int reusable)
         return;
     }
     c->served++;
-    uv_timer_stop(&c->io.timer);
-    if (uv_read_start((uv_stream_t *)&c->io.tcp, on_idle_alloc, on_idle_read) < 0) {
-        conn_close(c);
-        return;
-    }
+    if (!uv_is_active((uv_handle_t *)&c->io.tcp))
+        upconn_resume(c); /* it was paused for backpressure */
     c->state = UC_IDLE;
     http_parser_resume(c->parser);
     uv_timer_start(&c->io.timer, on_idle_timeout, u->cfg->upstream_keepalive_timeout, 0);

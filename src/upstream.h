@@ -35,10 +35,16 @@ struct upconn_s {
     int fail_status; /* a connect failure waiting to be reported */
 };
 
-/* Creates the upstream of one event loop. Response parsers of its
- * connections use `h` (their user data is the upconn_t) and `limits`. */
-upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const http_handler_t *h,
-                         const http_limits_t *limits);
+/* What the owner of a leased connection is told, and how errord reads. */
+typedef struct {
+    uv_alloc_cb alloc;  /* read buffers, for every connection */
+    uv_read_cb on_read; /* bytes or EOF on a leased connection; stream->data is its io_t */
+    const http_handler_t *response; /* response parser callbacks; user data is the upconn_t */
+    const http_limits_t *limits;
+} upstream_owner_t;
+
+/* Creates the upstream of one event loop. `owner` must outlive it. */
+upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const upstream_owner_t *owner);
 
 /* Leases a connection to `owner`. When an idle pooled one exists (and
  * `fresh` is 0), it is returned ready in *out and the result is 1. Otherwise
@@ -49,6 +55,12 @@ int upstream_lease(upstream_t *u, void *owner, int fresh, upconn_ready_cb cb, up
 /* Ends a lease: the connection goes back to the pool when `reusable`, else it
  * is closed (also cancelling a connect in progress). */
 void upstream_release(upconn_t *c, int reusable);
+
+/* Stops and restarts reading a leased connection (backpressure). A
+ * connection reads from the moment it is connected until it is closed,
+ * leased or pooled, so that reuse costs no system call. */
+void upconn_pause(upconn_t *c);
+void upconn_resume(upconn_t *c);
 
 /* Connections open now (pooled, leased and connecting). */
 size_t upstream_open_count(const upstream_t *u);
