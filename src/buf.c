@@ -61,6 +61,27 @@ int buf_printf(buf_t *b, const char *fmt, ...)
     return 0;
 }
 
+int buf_put_u64(buf_t *b, uint64_t v)
+{
+    char tmp[20];
+    int i = sizeof tmp;
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    return buf_append(b, tmp + i, sizeof tmp - (size_t)i);
+}
+
+int buf_put_ms(buf_t *b, uint64_t ns)
+{
+    uint64_t us = (ns + 500) / 1000;
+    char frac[4] = {(char)('0' + us / 100 % 10), (char)('0' + us / 10 % 10),
+                    (char)('0' + us % 10), 0};
+    if (buf_put_u64(b, us / 1000) < 0 || buf_append(b, ".", 1) < 0)
+        return -ENOMEM;
+    return buf_append(b, frac, 3);
+}
+
 /* Length of the well-formed UTF-8 sequence at `s` (1-4), or 0 if there is none. */
 static size_t utf8_sequence(const char *s, size_t n)
 {

@@ -4,6 +4,7 @@
 
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct {
     char *data;
@@ -24,6 +25,12 @@ int buf_puts(buf_t *b, const char *s);
 
 /* Appends printf-style formatted text. */
 int buf_printf(buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Appends `v` in decimal. */
+int buf_put_u64(buf_t *b, uint64_t v);
+
+/* Appends `ns` nanoseconds as milliseconds with three decimals ("1.234"). */
+int buf_put_ms(buf_t *b, uint64_t ns);
 
 /* Appends `s` as the inside of a JSON string (quotes not included). */
 int buf_json_escape(buf_t *b, const char *s, size_t n);

@@ -79,28 +79,39 @@ static void errf(char *err, size_t errlen, const char *fmt, ...)
 
 int config_parse_duration(const char *s, uint64_t *ms)
 {
-    char *end;
-    if (!isdigit((unsigned char)*s))
+    /* Decimal only: "1.5s", "250ms", "2m"; no hex, no exponents. */
+    uint64_t whole = 0, frac = 0, scale = 1;
+    const char *p = s;
+    if (!isdigit((unsigned char)*p))
         return -EINVAL;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno != 0 || end == s)
-        return -EINVAL;
-    double mult;
-    if (*end == '\0' || strcmp(end, "ms") == 0)
+    for (; isdigit((unsigned char)*p); p++) {
+        whole = whole * 10 + (uint64_t)(*p - '0');
+        if (whole > 1000000000000ull)
+            return -EINVAL;
+    }
+    if (*p == '.') {
+        p++;
+        if (!isdigit((unsigned char)*p))
+            return -EINVAL;
+        for (; isdigit((unsigned char)*p); p++) {
+            if (scale < 1000000000ull) {
+                frac = frac * 10 + (uint64_t)(*p - '0');
+                scale *= 10;
+            }
+        }
+    }
+    uint64_t mult;
+    if (*p == '\0' || strcmp(p, "ms") == 0)
         mult = 1;
-    else if (strcmp(end, "s") == 0)
+    else if (strcmp(p, "s") == 0)
         mult = 1000;
-    else if (strcmp(end, "m") == 0)
+    else if (strcmp(p, "m") == 0)
         mult = 60000;
-    else if (strcmp(end, "h") == 0)
+    else if (strcmp(p, "h") == 0)
         mult = 3600000;
     else
         return -EINVAL;
-    v *= mult;
-    if (v < 0 || v > 1e12)
-        return -EINVAL;
-    *ms = (uint64_t)(v + 0.5);
+    *ms = whole * mult + (frac * mult + scale / 2) / scale;
     return 0;
 }
 

@@ -123,9 +123,21 @@ static int check_status_line(http_parser_t *p, const char *s, size_t n)
     return 0;
 }
 
-/* Scans head bytes, stopping right after the empty line that ends the head
- * (or the trailer section). Returns how many bytes belong to the head, or -1
- * when a byte breaks the rules. */
+/* Whether `c` can extend the start line read so far: a request line starts
+ * with a method token, a status line with "HTTP/". */
+static int line0_prefix_ok(const http_parser_t *p, unsigned char c)
+{
+    size_t n = p->line0.len;
+    if (!is_request(p))
+        return n >= 5 || c == (unsigned char)"HTTP/"[n];
+    if (n > 0 && memchr(p->line0.data, ' ', n) != NULL)
+        return 1;
+    return TCHAR[c] || (c == ' ' && n > 0);
+}
+
+/* Scans head bytes, stopping right after the start line and right after the
+ * empty line that ends the head (or the trailer section). Returns how many
+ * bytes it took, or -1 when a byte breaks the rules. */
 static ssize_t scan(http_parser_t *p, const char *data, size_t n)
 {
     size_t limit = p->limits->max_head;
@@ -152,6 +164,9 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 return fail(p, 400, "bare LF in start line");
             } else if (p->line0.len >= p->limits->max_line) {
                 return fail(p, 414, "request line too long");
+            } else if (!line0_prefix_ok(p, c)) {
+                /* not HTTP at all (TLS, a banner...): say so now, not at a line end */
+                return fail(p, 400, "malformed start line");
             } else if (buf_append(&p->line0, &data[i], 1) < 0) {
                 return fail(p, 500, "out of memory");
             }
@@ -168,7 +183,7 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                                                                          p->line0.len) < 0)
                 return -1;
             p->scan = SC_FIELD_START;
-            break;
+            return (ssize_t)i + 1; /* the caller hands the whole line to llhttp */
         case SC_FIELD_START:
             if (c == '\r') {
                 p->scan = SC_END_CR;
@@ -310,6 +325,10 @@ static int on_header_value_complete(llhttp_t *ll)
         return 0;
     http_head_t *h = p->head;
     http_header_t *f = &h->headers[h->n_headers - 1];
+    while (f->value_len > 0 && is_ows(h->arena.data[f->value_off])) {
+        f->value_off++;
+        f->value_len--;
+    }
     while (f->value_len > 0 && is_ows(h->arena.data[f->value_off + f->value_len - 1]))
         f->value_len--;
     p->field_state = 0;
@@ -373,7 +392,7 @@ struct te_state {
     int chunked_count;
     int unknown;
     int bad;
-    const char *first;     /* first coding (they are contiguous per field) */
+    buf_t others; /* the codings other than chunked, ", "-separated */
 };
 
 static int te_coding(void *ctx, const char *s, size_t n)
@@ -383,8 +402,8 @@ static int te_coding(void *ctx, const char *s, size_t n)
     size_t tok = 0;
     while (tok < n && TCHAR[(unsigned char)s[tok]])
         tok++;
-    if (tok == 0) {
-        te->bad = 1;
+    if (tok == 0) { /* not even a token ("chunked" in quotes...): unknown */
+        te->unknown = 1;
         return 1;
     }
     if (tok == 7 && strncasecmp(s, "chunked", 7) == 0) {
@@ -400,9 +419,14 @@ static int te_coding(void *ctx, const char *s, size_t n)
         te->bad = 1;
         return 1;
     }
-    for (size_t k = 0; k < sizeof known / sizeof *known; k++)
-        if (strlen(known[k]) == tok && strncasecmp(s, known[k], tok) == 0)
+    for (size_t k = 0; k < sizeof known / sizeof *known; k++) {
+        if (strlen(known[k]) == tok && strncasecmp(s, known[k], tok) == 0) {
+            if ((te->others.len > 0 && buf_append(&te->others, ", ", 2) < 0) ||
+                buf_append(&te->others, s, n) < 0)
+                te->bad = 1;
             return 0;
+        }
+    }
     te->unknown = 1;
     return 1;
 }
@@ -511,14 +535,15 @@ static int mark_hop(void *ctx, const char *s, size_t n)
     return 0;
 }
 
-static int on_headers_complete(llhttp_t *ll)
+/* Checks a complete head and hands it to the owner. Returns what llhttp's
+ * on_headers_complete expects. */
+static int finish_head(http_parser_t *p, struct te_state *te)
 {
-    http_parser_t *p = parser_of(ll);
+    llhttp_t *ll = &p->ll;
     http_head_t *h = p->head;
     int req = is_request(p);
     int n_host = 0, n_cl = 0, n_te = 0;
     const http_header_t *host = NULL;
-    struct te_state te = {0};
     size_t authority_off = SIZE_MAX;
 
     h->head_bytes = p->head_bytes;
@@ -533,7 +558,7 @@ static int on_headers_complete(llhttp_t *ll)
         h->method_name = llhttp_method_name((llhttp_method_t)ll->method);
         if (h->method == HTTP_M_CONNECT)
             return user_error(p, 501, "CONNECT is not supported");
-        if (check_target(p, h, &authority_off) < 0)
+        if (check_target(p, h, &authority_off) != 0)
             return HPE_USER;
     } else {
         h->status = ll->status_code;
@@ -557,9 +582,9 @@ static int on_headers_complete(llhttp_t *ll)
         } else if (NAME_IS(f, "transfer-encoding")) {
             n_te++;
             f->flags |= HTTP_HDR_HOP;
-            list_each(f->value, f->value_len, te_coding, &te);
+            list_each(f->value, f->value_len, te_coding, te);
             if (f->value_len == 0)
-                te.bad = 1;
+                te->bad = 1;
         } else if (NAME_IS(f, "connection")) {
             f->flags |= HTTP_HDR_HOP;
         } else if (NAME_IS(f, "keep-alive") || NAME_IS(f, "proxy-connection") ||
@@ -589,13 +614,18 @@ static int on_headers_complete(llhttp_t *ll)
     if (n_te > 0) {
         if (req && h->version == 10)
             return user_error(p, 400, "Transfer-Encoding in an HTTP/1.0 request");
-        if (te.unknown)
+        if (te->unknown)
             return user_error(p, 501, "unknown transfer coding");
-        if (te.bad || te.chunked_count != 1 || !te.chunked_seen)
+        if (te->bad || te->chunked_count != 1 || !te->chunked_seen)
             return user_error(p, 400, "Transfer-Encoding must end with chunked, once");
         if (!(ll->flags & F_CHUNKED))
             return user_error(p, 400, "ambiguous Transfer-Encoding");
         h->flags |= HTTP_F_CHUNKED;
+        if (te->others.len > 0) {
+            h->codings = h->codings_owned = te->others.data;
+            h->codings_len = te->others.len;
+            te->others = (buf_t)BUF_INIT;
+        }
     } else if (n_cl == 1) {
         const http_header_t *cl = NULL;
         for (size_t i = 0; i < h->n_headers && cl == NULL; i++)
@@ -636,6 +666,14 @@ static int on_headers_complete(llhttp_t *ll)
     if (p->h->on_head(p->ud, h) < 0)
         return user_error(p, 0, "stopped");
     return skip_body;
+}
+
+static int on_headers_complete(llhttp_t *ll)
+{
+    struct te_state te = {0};
+    int rc = finish_head(parser_of(ll), &te);
+    buf_free(&te.others);
+    return rc;
 }
 
 static int on_body(llhttp_t *ll, const char *at, size_t n)
@@ -755,21 +793,38 @@ ssize_t http_parser_feed(http_parser_t *p, const char *data, size_t n)
         return -1;
     while (off < n && !p->ended) {
         size_t len = n - off;
+        const char *at = data + off;
         p->started = 1;
-        if (p->scan != SC_BODY) {
-            ssize_t scanned = scan(p, data + off, len);
+        if (p->scan <= SC_LINE0_CR) {
+            /* The start line reaches llhttp only once it is whole and valid,
+             * from our copy (without any empty lines before it), so its
+             * errors do not depend on how the bytes were split. */
+            ssize_t scanned = scan(p, at, len);
             if (scanned < 0)
                 return -1;
-            len = (size_t)scanned;
-        }
-        llhttp_errno_t e = llhttp_execute(&p->ll, data + off, len);
-        if (e == HPE_OK) {
+            off += (size_t)scanned;
+            if (p->scan <= SC_LINE0_CR)
+                continue;
+            if (buf_append(&p->line0, "\r\n", 2) < 0)
+                return fail(p, 500, "out of memory");
+            at = p->line0.data;
+            len = p->line0.len;
+        } else {
+            if (p->scan != SC_BODY) {
+                ssize_t scanned = scan(p, at, len);
+                if (scanned < 0)
+                    return -1;
+                len = (size_t)scanned;
+            }
             off += len;
-            continue;
         }
+        llhttp_errno_t e = llhttp_execute(&p->ll, at, len);
+        if (e == HPE_OK)
+            continue;
         if (e != HPE_PAUSED)
             return fail_llhttp(p, e);
-        off += (size_t)(llhttp_get_error_pos(&p->ll) - (data + off));
+        /* Paused inside what was fed: give back the bytes after the pause. */
+        off -= len - (size_t)(llhttp_get_error_pos(&p->ll) - at);
         llhttp_resume(&p->ll);
         if (!p->ended) {
             /* paused at the last chunk: the trailer section follows */
@@ -824,6 +879,7 @@ void http_head_free(http_head_t *h)
 {
     if (h == NULL)
         return;
+    free(h->codings_owned);
     buf_free(&h->arena);
     free(h->headers);
     free(h);

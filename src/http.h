@@ -73,6 +73,7 @@ typedef struct http_head_s {
     unsigned flags;
     const char *codings; /* Transfer-Encoding codings before "chunked", or NULL */
     size_t codings_len;
+    char *codings_owned;
     http_header_t *headers;
     size_t n_headers;
     size_t head_bytes; /* size of the head on the wire */

@@ -46,16 +46,32 @@ int log_enabled(log_level_t level)
     return level >= min_level;
 }
 
+/* RFC 3339 time with milliseconds; the part up to the second is formatted
+ * once a second. */
+static void put_time(buf_t *b)
+{
+    static _Thread_local int64_t cached_sec = -1;
+    static _Thread_local char prefix[32];
+    static _Thread_local size_t prefix_len;
+    int64_t ms = clock_wall_ms();
+    if (ms / 1000 != cached_sec) {
+        cached_sec = ms / 1000;
+        prefix_len = (size_t)clock_rfc3339(cached_sec * 1000, prefix) - 4; /* drop "000Z" */
+    }
+    char frac[4] = {(char)('0' + ms / 100 % 10), (char)('0' + ms / 10 % 10),
+                    (char)('0' + ms % 10), 'Z'};
+    buf_append(b, prefix, prefix_len);
+    buf_append(b, frac, 4);
+}
+
 log_record_t *log_begin(log_level_t level, const char *msg)
 {
     if (level < min_level)
         return NULL;
-    char ts[32];
-    int n = clock_rfc3339(clock_wall_ms(), ts);
     current.out = &pending;
     current.start = pending.len;
     buf_puts(&pending, "{\"time\":\"");
-    buf_append(&pending, ts, (size_t)n);
+    put_time(&pending);
     buf_puts(&pending, "\",\"level\":\"");
     buf_puts(&pending, LEVEL_NAME[level]);
     buf_puts(&pending, "\"");
@@ -95,7 +111,20 @@ void log_int(log_record_t *r, const char *k, int64_t value)
     if (r == NULL)
         return;
     key(r, k);
-    buf_printf(r->out, "%" PRId64, value);
+    if (value < 0) {
+        buf_append(r->out, "-", 1);
+        buf_put_u64(r->out, (uint64_t)0 - (uint64_t)value);
+    } else {
+        buf_put_u64(r->out, (uint64_t)value);
+    }
+}
+
+void log_ms(log_record_t *r, const char *k, uint64_t ns)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    buf_put_ms(r->out, ns);
 }
 
 void log_double(log_record_t *r, const char *k, double value, int decimals)

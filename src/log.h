@@ -36,6 +36,8 @@ void log_str(log_record_t *r, const char *key, const char *value);
 void log_strn(log_record_t *r, const char *key, const char *value, size_t n);
 void log_int(log_record_t *r, const char *key, int64_t value);
 void log_double(log_record_t *r, const char *key, double value, int decimals);
+/* `ns` nanoseconds as milliseconds with three decimals. */
+void log_ms(log_record_t *r, const char *key, uint64_t ns);
 void log_bool(log_record_t *r, const char *key, int value);
 /* Appends `json`, already-encoded JSON text, as the value of `key`. */
 void log_raw(log_record_t *r, const char *key, const char *json, size_t n);

@@ -158,9 +158,27 @@ static uint64_t next_random(proxy_t *p)
     return p->rng[1] + s0;
 }
 
-static double ms_since(uint64_t t0)
+static void put_content_length(buf_t *b, int64_t n)
 {
-    return (double)(clock_now_ns() - t0) / 1e6;
+    buf_puts(b, "Content-Length: ");
+    buf_put_u64(b, (uint64_t)n);
+    buf_puts(b, "\r\n");
+}
+
+/* Writes "<hex size>\r\n" for a chunk of `n` bytes; returns its length. */
+static size_t chunk_size_line(char out[24], size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    char tmp[16];
+    int i = sizeof tmp;
+    do {
+        tmp[--i] = hex[n & 15];
+        n >>= 4;
+    } while (n != 0);
+    size_t len = sizeof tmp - (size_t)i;
+    memcpy(out, tmp + i, len);
+    memcpy(out + len, "\r\n", 2);
+    return len + 2;
 }
 
 /* ---- errord's own answers (SPEC §4) ------------------------------------------ */
@@ -213,23 +231,31 @@ static void log_access(txn_t *t)
         log_raw(r, "upstream_status", "null", 4);
     log_int(r, "bytes_in", (int64_t)t->body_in);
     log_int(r, "bytes_out", (int64_t)t->bytes_out);
-    log_double(r, "duration_ms", ms_since(t->t0), 3);
+    log_ms(r, "duration_ms", clock_now_ns() - t->t0);
 
     buf_t a = BUF_INIT;
     buf_puts(&a, "[");
     for (int i = 0; i < t->n_attempts; i++) {
         const attempt_t *at = &t->attempts[i];
-        buf_printf(&a, "%s{\"attempt\":%d,", i ? "," : "", i + 1);
-        if (at->status)
-            buf_printf(&a, "\"status\":%d,", at->status);
-        else
-            buf_printf(&a, "\"error\":\"%s\",", at->error ? at->error : "aborted");
-        buf_printf(&a, "\"duration_ms\":%.3f", (double)at->ns / 1e6);
-        if (at->note)
-            buf_printf(&a, ",\"verdict\":\"retry\",\"reason\":\"%s\"", at->note);
-        else
-            buf_puts(&a, ",\"verdict\":\"pass\"");
-        buf_puts(&a, "}");
+        buf_puts(&a, i ? ",{\"attempt\":" : "{\"attempt\":");
+        buf_put_u64(&a, (uint64_t)i + 1);
+        if (at->status) {
+            buf_puts(&a, ",\"status\":");
+            buf_put_u64(&a, (uint64_t)at->status);
+        } else {
+            buf_puts(&a, ",\"error\":\"");
+            buf_puts(&a, at->error ? at->error : "aborted");
+            buf_puts(&a, "\"");
+        }
+        buf_puts(&a, ",\"duration_ms\":");
+        buf_put_ms(&a, at->ns);
+        if (at->note) {
+            buf_puts(&a, ",\"verdict\":\"retry\",\"reason\":\"");
+            buf_puts(&a, at->note);
+            buf_puts(&a, "\"}");
+        } else {
+            buf_puts(&a, ",\"verdict\":\"pass\"}");
+        }
     }
     buf_puts(&a, "]");
     log_raw(r, "attempts", a.data, a.len);
@@ -300,8 +326,13 @@ static const char *request_id(txn_t *t, proxy_t *p)
             return t->id;
         }
     }
-    snprintf(t->id, sizeof t->id, "%016llx%016llx", (unsigned long long)next_random(p),
-             (unsigned long long)next_random(p));
+    static const char hex[] = "0123456789abcdef";
+    for (int half = 0; half < 2; half++) {
+        uint64_t v = next_random(p);
+        for (int i = 0; i < 16; i++, v >>= 4)
+            t->id[half * 16 + i] = hex[v & 15];
+    }
+    t->id[32] = '\0';
     return t->id;
 }
 
@@ -359,7 +390,9 @@ static void build_request_head(txn_t *t, proxy_t *p)
     }
     buf_puts(b, xff ? ", " : "X-Forwarded-For: ");
     buf_puts(b, t->client->addr);
-    buf_printf(b, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\nVia: 1.1 errord\r\n", t->id);
+    buf_puts(b, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
+    buf_puts(b, t->id);
+    buf_puts(b, "\r\nVia: 1.1 errord\r\n");
     if (r->flags & HTTP_F_CHUNKED) {
         buf_puts(b, "Transfer-Encoding: ");
         if (r->codings != NULL) {
@@ -368,16 +401,25 @@ static void build_request_head(txn_t *t, proxy_t *p)
         }
         buf_puts(b, "chunked\r\n");
     } else if (r->content_length >= 0) {
-        buf_printf(b, "Content-Length: %lld\r\n", (long long)r->content_length);
+        put_content_length(b, r->content_length);
     }
     buf_puts(b, "\r\n");
 }
 
-/* Whether the client connection can serve another request after this one. */
+/* Whether the request may be sent again without changing its effect: an
+ * idempotent method, or a client that said so with Idempotency-Key. */
+static int txn_repeatable(const txn_t *t)
+{
+    return http_method_idempotent(t->req->method) ||
+           http_head_find(t->req, "idempotency-key") != NULL;
+}
+
+/* Whether the client connection can serve another request after this one:
+ * after a half-close, only the requests it already sent. */
 static int client_wants_more(const txn_t *t)
 {
     const client_t *c = t->client;
-    if (c->eof || c->proxy->draining || !t->req_done)
+    if ((c->eof && c->in.len == 0) || c->proxy->draining || !t->req_done)
         return 0;
     if (t->req->version == 10)
         return (t->req->flags & HTTP_F_KEEP_ALIVE) != 0;
@@ -480,8 +522,7 @@ static void txn_pump(txn_t *t)
     if (n > 0) {
         if (t->req->flags & HTTP_F_CHUNKED) {
             char line[24];
-            int len = snprintf(line, sizeof line, "%zx\r\n", n);
-            io_append(io, line, (size_t)len);
+            io_append(io, line, chunk_size_line(line, n));
             io_append(io, t->body.data + t->body_fwd, n);
             io_append(io, "\r\n", 2);
         } else {
@@ -532,8 +573,10 @@ static int txn_flush(txn_t *t)
 static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message)
 {
     proxy_t *p = t->client->proxy;
+    /* A pooled connection can die just as it is reused. Sending again is safe
+     * only for a request that may be repeated (RFC 9112 9.3.1). */
     int stale = t->up_reused && t->res_bytes == 0 && !t->committed && !t->stale_retried &&
-                t->replayable && strcmp(kind, "reset") == 0;
+                t->replayable && strcmp(kind, "reset") == 0 && txn_repeatable(t);
     attempt_end(t, 0, kind, stale ? "stale_connection" : NULL);
     txn_release_upstream(t, 0);
     if (stale) {
@@ -561,7 +604,9 @@ static void txn_commit(txn_t *t)
 
     t->committed = 1;
     t->status = res->status;
-    buf_printf(&b, "HTTP/1.1 %d ", res->status);
+    buf_puts(&b, "HTTP/1.1 ");
+    buf_put_u64(&b, (uint64_t)res->status);
+    buf_puts(&b, " ");
     if (res->reason_len > 0)
         buf_append(&b, res->reason, res->reason_len);
     else
@@ -580,17 +625,22 @@ static void txn_commit(txn_t *t)
         buf_append(&b, f->value, f->value_len);
         buf_puts(&b, "\r\n");
     }
-    if (!has_date)
-        buf_printf(&b, "Date: %s\r\n", http_date(c->proxy));
-    buf_printf(&b, "X-Request-Id: %s\r\nVia: 1.1 errord\r\n", t->id);
+    if (!has_date) {
+        buf_puts(&b, "Date: ");
+        buf_puts(&b, http_date(c->proxy));
+        buf_puts(&b, "\r\n");
+    }
+    buf_puts(&b, "X-Request-Id: ");
+    buf_puts(&b, t->id);
+    buf_puts(&b, "\r\nVia: 1.1 errord\r\n");
 
     t->keep_alive = client_wants_more(t);
     if (res->flags & HTTP_F_NO_BODY) {
         /* HEAD and 304 keep the length of the representation they describe. */
         if (res->content_length >= 0 && res->status != 204)
-            buf_printf(&b, "Content-Length: %lld\r\n", (long long)res->content_length);
+            put_content_length(&b, res->content_length);
     } else if (res->content_length >= 0) {
-        buf_printf(&b, "Content-Length: %lld\r\n", (long long)res->content_length);
+        put_content_length(&b, res->content_length);
     } else if (t->req->version == 11) {
         t->chunk_out = 1;
         buf_puts(&b, "Transfer-Encoding: ");
@@ -649,8 +699,7 @@ static int on_res_body(void *ud, const char *at, size_t n)
     io_t *out = &t->client->io;
     if (t->chunk_out) {
         char line[24];
-        int len = snprintf(line, sizeof line, "%zx\r\n", n);
-        io_append(out, line, (size_t)len);
+        io_append(out, line, chunk_size_line(line, n));
         io_append(out, at, n);
         io_append(out, "\r\n", 2);
     } else {
@@ -948,7 +997,7 @@ static void client_next(client_t *c, int keep_alive)
 {
     if (c->io.closing || c->io.close_after)
         return;
-    if (!keep_alive || c->eof || c->proxy->draining) {
+    if (!keep_alive || (c->eof && c->in.len == 0) || c->proxy->draining) {
         client_close(c, NULL);
         return;
     }
@@ -964,7 +1013,15 @@ static void client_next(client_t *c, int keep_alive)
         client_feed(c, held.data, held.len);
         buf_free(&held);
     }
-    if (!c->io.closing && !c->io.close_after && (c->txn == NULL || !c->txn->req_done))
+    if (c->io.closing || c->io.close_after)
+        return;
+    if (c->eof) {
+        /* Half-closed: what it sent is served; an incomplete request never will be. */
+        if (c->txn == NULL || !c->txn->req_done)
+            client_close(c, NULL);
+        return;
+    }
+    if (c->txn == NULL || !c->txn->req_done)
         client_read_on(c, 1);
 }
 
