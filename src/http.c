@@ -33,6 +33,9 @@ struct http_parser_s {
     size_t head_bytes; /* bytes of this head (or trailer section) scanned */
     buf_t line0;       /* the start line, as received */
     int field_state;   /* 0: between fields, 1: in a name, 2: in a value */
+    int cl_match;      /* scanner: chars of "content-length" matched in this name, -1: no */
+    int in_cl_value;   /* scanner: in a Content-Length value */
+    ssize_t tab_at;    /* scanner: an HTAB llhttp must see as SP, at this offset */
     size_t target_off; /* where the target and reason start in the head's arena */
     size_t reason_off;
     int in_trailer;
@@ -191,6 +194,7 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 return fail(p, 400, "obsolete line folding");
             } else if (TCHAR[c]) {
                 p->scan = SC_NAME;
+                p->cl_match = (c | 0x20) == 'c' ? 1 : -1;
             } else if (c == ':') {
                 return fail(p, 400, "empty header name");
             } else if (c == '\n') {
@@ -200,12 +204,17 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
             }
             break;
         case SC_NAME:
-            if (c == ':')
+            if (c == ':') {
                 p->scan = SC_VALUE;
-            else if (c == ' ' || c == '\t')
+                p->in_cl_value = p->cl_match == 14;
+            } else if (c == ' ' || c == '\t') {
                 return fail(p, 400, "whitespace between header name and colon");
-            else if (!TCHAR[c])
+            } else if (!TCHAR[c]) {
                 return fail(p, 400, "invalid character in header name");
+            } else if (p->cl_match >= 0) {
+                int next = p->cl_match < 14 && (c | 0x20) == "content-length"[p->cl_match];
+                p->cl_match = next ? p->cl_match + 1 : -1;
+            }
             break;
         case SC_VALUE:
             if (c == '\r')
@@ -214,6 +223,12 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 return fail(p, 400, "bare LF in header field");
             else if (!is_field_vchar(c))
                 return fail(p, 400, "invalid character in header value");
+            else if (c == '\t' && p->in_cl_value) {
+                /* llhttp 8.1 takes only SP as whitespace after the digits;
+                 * HTAB is OWS too (RFC 9110 5.6.3), so it is fed as SP. */
+                p->tab_at = (ssize_t)i;
+                return (ssize_t)i + 1;
+            }
             break;
         case SC_FIELD_CR:
         case SC_END_CR:
@@ -785,6 +800,16 @@ static int fail_llhttp(http_parser_t *p, llhttp_errno_t e)
     }
 }
 
+/* HTTP/1.2 and up are read as HTTP/1.1, the highest minor version errord
+ * implements (RFC 9110 2.5). The start line was checked: the version is
+ * "HTTP/d.d" at the end of a request line, at the start of a status line. */
+static void minor_version_as_1_1(http_parser_t *p)
+{
+    char *v = is_request(p) ? p->line0.data + p->line0.len - 10 : p->line0.data;
+    if (v[5] == '1' && v[7] > '1')
+        v[7] = '1';
+}
+
 ssize_t http_parser_feed(http_parser_t *p, const char *data, size_t n)
 {
     size_t off = 0;
@@ -807,14 +832,26 @@ ssize_t http_parser_feed(http_parser_t *p, const char *data, size_t n)
                 continue;
             if (buf_append(&p->line0, "\r\n", 2) < 0)
                 return fail(p, 500, "out of memory");
+            minor_version_as_1_1(p);
             at = p->line0.data;
             len = p->line0.len;
         } else {
             if (p->scan != SC_BODY) {
+                p->tab_at = -1;
                 ssize_t scanned = scan(p, at, len);
                 if (scanned < 0)
                     return -1;
                 len = (size_t)scanned;
+                if (p->tab_at >= 0) {
+                    /* the bytes before the tab, then a SP in its place */
+                    llhttp_errno_t e = llhttp_execute(&p->ll, at, (size_t)p->tab_at);
+                    if (e == HPE_OK)
+                        e = llhttp_execute(&p->ll, " ", 1);
+                    if (e != HPE_OK)
+                        return fail_llhttp(p, e);
+                    off += len;
+                    continue;
+                }
             }
             off += len;
         }
