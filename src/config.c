@@ -39,7 +39,7 @@ static const option_t OPTIONS[] = {
         client_header_timeout, "10s", "DURATION",
         "time a client has to send a whole request head (408 after)"),
     OPT("client-idle-timeout", "ERRORD_CLIENT_IDLE_TIMEOUT", OPT_DURATION, client_idle_timeout,
-        "60s", "DURATION", "idle keep-alive connection, or request body stalled, is closed after"),
+        "60s", "DURATION", "idle keep-alive connection, stalled request body, or client not reading, cut after"),
     OPT("connect-timeout", "ERRORD_CONNECT_TIMEOUT", OPT_DURATION, connect_timeout, "2s",
         "DURATION", "time to connect to the upstream (504 after)"),
     OPT("first-byte-timeout", "ERRORD_FIRST_BYTE_TIMEOUT", OPT_DURATION, first_byte_timeout,

@@ -93,7 +93,14 @@ struct client_s {
     int timer_mode;
 };
 
-enum { CT_NONE, CT_HEADER, CT_BODY, CT_IDLE };
+/* What the client connection's timer is measuring. */
+enum {
+    CT_NONE,
+    CT_HEADER, /* the request head must be complete by then */
+    CT_BODY,   /* the request body must not stall that long */
+    CT_IDLE,   /* keep-alive: no new request for that long */
+    CT_SEND,   /* the client must take some of the response by then */
+};
 
 struct proxy_s {
     uv_loop_t *loop;
@@ -118,6 +125,7 @@ struct proxy_s {
 };
 
 static void client_read_on(client_t *c, int on);
+static void client_timer(client_t *c, int mode);
 static void client_next(client_t *c, int keep_alive);
 static void client_close(client_t *c, const char *why);
 static void client_abort(client_t *c, const char *why);
@@ -430,14 +438,15 @@ static int client_wants_more(const txn_t *t)
 static int txn_fail(txn_t *t, int status, const char *message)
 {
     client_t *c = t->client;
-    t->status = status;
     if (t->error == NULL)
         t->error = message;
     if (t->committed) {
-        /* Part of a response is out: the client must see it broken. */
+        /* Part of a response is out: the client must see it broken (and
+         * the record keeps the status it was sent). */
         client_close(c, message);
         return -1;
     }
+    t->status = status;
     t->committed = 1;
     t->keep_alive = client_wants_more(t);
     write_error(c, t, status, message, t->keep_alive);
@@ -551,8 +560,15 @@ static void txn_body_backpressure(txn_t *t)
 {
     if (t->req_done)
         return;
+    client_t *c = t->client;
     size_t waiting = t->up_ready ? io_pending(&t->up->io) : t->body.len - t->body_fwd;
-    client_read_on(t->client, waiting <= HIGH_WATER);
+    int on = waiting <= HIGH_WATER;
+    if (on == c->reading)
+        return;
+    client_read_on(c, on);
+    /* While errord holds the body back, the client is not stalling: the
+     * upstream's timer measures the wait instead. */
+    client_timer(c, on ? CT_BODY : CT_NONE);
 }
 
 static int txn_flush(txn_t *t)
@@ -764,11 +780,15 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         return;
     }
     if (io_pending(&t->client->io) > HIGH_WATER) {
+        /* The client reads slower than the upstream sends: stop reading the
+         * upstream (not its fault now) and time the client instead. */
         t->up_paused = 1;
         upconn_pause(u);
-    }
-    if (t->res != NULL)
+        uv_timer_stop(&u->io.timer);
+        client_timer(t->client, CT_SEND);
+    } else if (t->res != NULL) {
         up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
+    }
     txn_flush(t);
 }
 
@@ -880,6 +900,10 @@ static void on_client_timeout(uv_timer_t *timer)
         client_close(c, NULL);
         return;
     }
+    if (c->timer_mode == CT_SEND) {
+        client_abort(c, "client stopped reading the response");
+        return;
+    }
     if (c->txn != NULL) {
         client_reject(c, 408, "request body not received in time");
         return;
@@ -897,6 +921,7 @@ static void client_timer(client_t *c, int mode)
         break;
     case CT_BODY:
     case CT_IDLE:
+    case CT_SEND:
         uv_timer_start(&c->io.timer, on_client_timeout, cfg->client_idle_timeout, 0);
         break;
     default:
@@ -1084,6 +1109,8 @@ static void on_client_drain(io_t *io)
     if (t != NULL && t->up_paused && t->up != NULL) {
         t->up_paused = 0;
         upconn_resume(t->up);
+        up_timer(t, c->proxy->cfg->upstream_idle_timeout);
+        client_timer(c, t->req_done ? CT_NONE : CT_BODY);
     }
 }
 
