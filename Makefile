@@ -4,6 +4,7 @@
 #   make run        run errord in front of the bundled mock of the reference API
 #   make test       unit and integration tests
 #   make asan       the whole test suite against an ASan + UBSan build
+#   make valgrind   the integration tests with errord under valgrind
 #   make fuzz       build the libFuzzer targets (clang)
 #   make bench      errord against HAProxy and nginx (../shared/bench)
 #   make install    PREFIX=/usr/local DESTDIR=
@@ -47,7 +48,7 @@ TOBJS   = $(TESTS:tests/unit/%.c=$(BUILD)/unit/%.o)
 # `make V=1` shows the commands.
 Q = $(if $(V),,@)
 
-.PHONY: all setup run test unit integration asan fuzz bench install clean
+.PHONY: all setup run test unit integration asan valgrind fuzz bench install clean
 
 all: errord
 
@@ -100,6 +101,13 @@ fuzz: | setup
 	clang -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -I$(LLHTTP_INC) -Isrc \
 	    -DLLHTTP_STRICT_MODE=1 tests/fuzz/fuzz_http.c src/http.c src/buf.c $(LLHTTP_SRC)/*.c \
 	    -o build/fuzz/fuzz_http
+
+# The integration tests with errord under valgrind (big transfers shrunk to
+# 64 MiB: memcheck runs them some twenty times slower).
+valgrind: $(BUILD)/errord
+	@command -v valgrind >/dev/null || scripts/setup --valgrind
+	ERRORD_BIN=$(abspath tests/valgrind-errord) ERRORD_TEST_BIG_BYTES=67108864 \
+	    ERRORD_TEST_CHUNKED_BYTES=67108864 $(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
 
 run: errord
 	@scripts/run

@@ -14,9 +14,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ERRORD = os.environ.get("ERRORD_BIN") or os.path.join(ROOT, "build", "errord")
-# Sanitizer builds are slower; waits scale with this.
-SLOW = 3.0 if "asan" in ERRORD else 1.0
-SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+# Sanitizer builds and valgrind are slower; waits scale with this.
+SLOW = 10.0 if "valgrind" in ERRORD else 3.0 if "asan" in ERRORD else 1.0
+SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer",
+                   "Invalid read", "Invalid write", "uninitialised", "definitely lost")
 
 
 def wait_until(pred, timeout=5.0, interval=0.01):
