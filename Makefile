@@ -21,9 +21,17 @@ LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
 PKGS        = libuv
 
-# pkg-config runs once, after scripts/setup has installed what it asks about.
-PKG_CFLAGS  = $(eval PKG_CFLAGS := $$(shell pkg-config --cflags $(PKGS)))$(PKG_CFLAGS)
-PKG_LIBS    = $(eval PKG_LIBS := $$(shell pkg-config --libs $(PKGS)))$(PKG_LIBS)
+# Every target but clean needs the Debian packages: scripts/setup installs
+# what is missing before make looks at a single file (make caches directory
+# listings, so files that appeared later would not be seen).
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),all)),)
+ifneq ($(shell scripts/setup 1>&2; echo $$?),0)
+$(error scripts/setup could not install the packages errord needs)
+endif
+endif
+
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS))
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS))
 
 WARNINGS    = -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes \
               -Wpointer-arith -Wformat=2 -Wvla -Wundef -Werror
@@ -53,7 +61,6 @@ Q = $(if $(V),,@)
 all: errord
 
 setup:
-	@scripts/setup
 
 errord: $(BUILD)/errord
 	@rm -f $@ && cp $< $@
@@ -62,17 +69,17 @@ $(BUILD)/errord: $(OBJS) $(LLOBJS)
 	@echo "  LD      $@"
 	$(Q)$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
 
-$(BUILD)/%.o: src/%.c $(wildcard src/*.h) | setup
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h)
 	@mkdir -p $(@D)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(CFLAGS_ALL) -c -o $@ $<
 
-$(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c | setup
+$(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c
 	@mkdir -p $(@D)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(LLHTTP_FLAGS) -c -o $@ $<
 
-$(BUILD)/unit/%.o: tests/unit/%.c $(wildcard tests/unit/*.h src/*.h) | setup
+$(BUILD)/unit/%.o: tests/unit/%.c $(wildcard tests/unit/*.h src/*.h)
 	@mkdir -p $(@D)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(CFLAGS_ALL) -Isrc -c -o $@ $<
@@ -96,7 +103,7 @@ asan:
 
 # A libFuzzer target per parser-facing entry point; run one with
 # build/fuzz/fuzz_http -max_total_time=60 tests/cases/corpus
-fuzz: | setup
+fuzz:
 	@mkdir -p build/fuzz
 	clang -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -I$(LLHTTP_INC) -Isrc \
 	    -DLLHTTP_STRICT_MODE=1 tests/fuzz/fuzz_http.c src/http.c src/buf.c $(LLHTTP_SRC)/*.c \
