@@ -19,7 +19,7 @@ CC         ?= cc
 PYTHON     ?= /usr/bin/python3
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS        = libuv
+PKGS        = libuv lua5.4 libcjson
 
 # Every target but clean needs the Debian packages: scripts/setup installs
 # what is missing before make looks at a single file (make caches directory
@@ -124,8 +124,10 @@ bench: errord
 	@scripts/bench
 
 install: errord
-	install -d $(DESTDIR)$(BINDIR)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/examples
 	install -m 755 errord $(DESTDIR)$(BINDIR)/errord
+	install -m 644 lua/default.lua $(DESTDIR)$(DATADIR)/default.lua
+	install -m 644 lua/examples/*.lua $(DESTDIR)$(DATADIR)/examples/
 
 clean:
 	rm -rf build errord

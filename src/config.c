@@ -29,6 +29,8 @@ static const option_t OPTIONS[] = {
         "where clients connect"),
     OPT("upstream", "ERRORD_UPSTREAM", OPT_STR, upstream, NULL, "URL",
         "the API errord forwards to, http://HOST[:PORT] (required)"),
+    OPT("policy", "ERRORD_POLICY", OPT_STR, policy, NULL, "FILE",
+        "the Lua policy (default: lua/default.lua of the install; off: none)"),
     OPT("workers", "ERRORD_WORKERS", OPT_COUNT, workers, "1", "N",
         "event loops, each on its own thread"),
     OPT("log-level", "ERRORD_LOG_LEVEL", OPT_STR, log_level_name, "info", "LEVEL",

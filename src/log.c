@@ -83,7 +83,7 @@ log_record_t *log_begin(log_level_t level, const char *msg)
 static void key(log_record_t *r, const char *k)
 {
     buf_puts(r->out, ",\"");
-    buf_puts(r->out, k);
+    buf_json_escape(r->out, k, strlen(k)); /* policies choose keys too */
     buf_puts(r->out, "\":");
 }
 

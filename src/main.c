@@ -7,6 +7,7 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "policy.h"
 #include "proxy.h"
 
 #include <errno.h>
@@ -46,6 +47,7 @@ typedef struct {
     int draining;
     config_t cfg;
     proxy_shared_t shared;
+    char *policy_path; /* resolved; NULL when running without a policy */
 } control_t;
 
 static control_t control;
@@ -120,6 +122,71 @@ static void on_worker_done(uv_async_t *a)
     uv_close((uv_handle_t *)&control.worker_done, NULL);
 }
 
+/* The policy file to run: --policy, else lua/default.lua next to the binary
+ * (a build tree) or in the install's data directory. NULL for "off". */
+static int resolve_policy(char **path, char *err, size_t errlen)
+{
+    const char *given = control.cfg.policy;
+    *path = NULL;
+    if (given != NULL && (strcmp(given, "off") == 0 || strcmp(given, "none") == 0))
+        return 0;
+    if (given != NULL) {
+        *path = strdup(given);
+        return 0;
+    }
+    /* A build tree: errord or build/errord or build/asan/errord */
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 32);
+    for (int up = 0; n > 0 && up < 3; up++) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash == NULL)
+            break;
+        n = slash - exe;
+        strcpy(slash + 1, "lua/default.lua");
+        if (access(exe, R_OK) == 0) {
+            *path = strdup(exe);
+            return 0;
+        }
+        exe[n] = '\0'; /* the directory; its parent next */
+    }
+    if (access(ERRORD_DATADIR "/default.lua", R_OK) == 0) {
+        *path = strdup(ERRORD_DATADIR "/default.lua");
+        return 0;
+    }
+    snprintf(err, errlen, "no default policy at lua/default.lua next to errord nor at %s; "
+                          "give --policy FILE, or --policy off to run without one",
+             ERRORD_DATADIR "/default.lua");
+    return -1;
+}
+
+static void report_test(const policy_test_result_t *r, void *arg)
+{
+    (void)arg;
+    if (!r->passed)
+        fprintf(stderr, "errord: policy test \"%s\" failed: %s\n", r->name, r->message);
+}
+
+/* Loads the policy once, as every worker will, and runs its tests: a policy
+ * that does not load or pass stops errord before it listens. */
+static int check_policy(void)
+{
+    char err[1024];
+    policy_t *p = policy_load(control.policy_path, err, sizeof err);
+    if (p == NULL) {
+        fprintf(stderr, "errord: invalid policy: %s\n", err);
+        return -1;
+    }
+    int failed = policy_run_tests(p, report_test, NULL, err, sizeof err);
+    policy_release(p);
+    if (failed < 0)
+        fprintf(stderr, "errord: invalid policy: %s: %s\n", control.policy_path, err);
+    else if (failed > 0)
+        fprintf(stderr, "errord: %s: %d policy test%s failed\n", control.policy_path, failed,
+                failed == 1 ? "" : "s");
+    return failed == 0 ? 0 : -1;
+}
+
 /* Lets errord hold as many sockets as the hard limit allows. */
 static void raise_fd_limit(void)
 {
@@ -141,9 +208,15 @@ static int start_workers(void)
         if (rc < 0)
             return rc;
         control.n_workers++;
-        w->proxy = proxy_new(&w->loop, &control.cfg, &control.shared);
-        if (w->proxy == NULL)
+        char err[512];
+        w->proxy = proxy_new(&w->loop, &control.cfg, &control.shared, control.policy_path, err,
+                             sizeof err);
+        if (w->proxy == NULL) {
+            log_record_t *r = log_begin(LOG_ERROR, "cannot start a worker");
+            log_str(r, "error", err);
+            log_end(r);
             return -ENOMEM;
+        }
         uv_async_init(&w->loop, &w->wake, on_wake);
         w->wake.data = w;
         rc = proxy_listen(w->proxy);
@@ -211,9 +284,20 @@ int main(int argc, char **argv)
         return 0;
     }
 
+    log_set_level(control.cfg.log_level);
+    if (resolve_policy(&control.policy_path, err, sizeof err) < 0) {
+        fprintf(stderr, "errord: %s\n", err);
+        config_free(&control.cfg);
+        return 2;
+    }
+    if (control.policy_path != NULL && check_policy() < 0) {
+        free(control.policy_path);
+        config_free(&control.cfg);
+        return 2;
+    }
+
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
-    log_set_level(control.cfg.log_level);
     control.loop = uv_default_loop();
 
     int rc = start_workers();
@@ -231,6 +315,7 @@ int main(int argc, char **argv)
             uv_close((uv_handle_t *)&control.worker_done, NULL);
             uv_run(control.loop, UV_RUN_DEFAULT);
         }
+        free(control.policy_path);
         config_free(&control.cfg);
         return 1;
     }
@@ -248,6 +333,7 @@ int main(int argc, char **argv)
     proxy_address(control.workers[0].proxy, addr, sizeof addr);
     log_str(r, "listen", addr);
     log_str(r, "upstream", control.cfg.upstream);
+    log_str(r, "policy", control.policy_path ? control.policy_path : "off");
     log_int(r, "workers", control.cfg.workers);
     log_int(r, "pid", getpid());
     log_end(r);
@@ -256,6 +342,7 @@ int main(int argc, char **argv)
     stop_workers();
     uv_loop_close(control.loop);
     log_msgf(LOG_INFO, "errord stopped");
+    free(control.policy_path);
     config_free(&control.cfg);
     return 0;
 }

@@ -15,6 +15,7 @@
 #include "io.h"
 #include "list.h"
 #include "log.h"
+#include "policy.h"
 #include "upstream.h"
 
 #include <errno.h>
@@ -29,7 +30,8 @@
 #define READ_BUF_SIZE (64 * 1024)
 /* Stop reading a side once this much is waiting to be written to the other. */
 #define HIGH_WATER (256 * 1024)
-/* Request bytes kept so a request can be sent again on a fresh connection. */
+/* Without a policy: request bytes kept so a request can go again on a fresh
+ * connection when a pooled one turns out dead. */
 #define REPLAY_LIMIT (1024 * 1024)
 /* Pipelined bytes held while a request is being served. */
 #define PIPELINE_LIMIT (64 * 1024)
@@ -40,15 +42,20 @@
 
 typedef struct client_s client_t;
 
+/* One line of the attempt ledger. */
 typedef struct {
-    int status;        /* upstream status, or 0 */
-    const char *error; /* error kind when there is no status */
-    const char *note;  /* why it was retried, or NULL */
+    int status;          /* upstream status, or 0 */
+    const char *error;   /* error kind when there is no status */
+    const char *verdict; /* "pass", "retry", "respond" */
+    const char *refused; /* why errord refused the policy's retry, or NULL */
+    const char *failure; /* how the policy handler failed, or NULL */
+    char reason[VERDICT_REASON_MAX + 1];
     uint64_t ns;
 } attempt_t;
 
 typedef struct {
     client_t *client;
+    policy_t *policy; /* the policy the request started under, or NULL */
     http_head_t *req;
     char id[REQUEST_ID_MAX + 1];
     uint64_t t0;
@@ -59,6 +66,11 @@ typedef struct {
     uint64_t bytes_out; /* response body bytes sent to the client */
     upconn_t *up;
     http_head_t *res;
+    buf_t res_body;      /* a response body held for the policy */
+    http_head_t *last_res; /* the last complete real response, kept while retrying */
+    buf_t last_body;
+    int attempt;         /* the policy's attempt number, 1 for the first */
+    size_t replay_limit;
     int status;          /* what the client got */
     const char *error;   /* why the transaction ended badly */
     uint64_t attempt_t0;
@@ -78,6 +90,8 @@ typedef struct {
     unsigned keep_alive : 1;  /* the client connection continues afterwards */
     unsigned stale_retried : 1;
     unsigned started : 1;     /* the first attempt has begun */
+    unsigned holding : 1;     /* the response waits for the policy's verdict */
+    unsigned res_over : 1;    /* ... and its body is larger than body_limit */
 } txn_t;
 
 struct client_s {
@@ -100,6 +114,7 @@ enum {
     CT_BODY,   /* the request body must not stall that long */
     CT_IDLE,   /* keep-alive: no new request for that long */
     CT_SEND,   /* the client must take some of the response by then */
+    CT_RETRY,  /* the next attempt starts then */
 };
 
 struct proxy_s {
@@ -110,6 +125,7 @@ struct proxy_s {
     uv_check_t flusher;
     upstream_t *upstream;
     upstream_owner_t upstream_owner;
+    policy_t *policy; /* NULL: every response passes */
     http_limits_t req_limits;
     http_limits_t res_limits;
     list_t clients;
@@ -257,13 +273,25 @@ static void log_access(txn_t *t)
         }
         buf_puts(&a, ",\"duration_ms\":");
         buf_put_ms(&a, at->ns);
-        if (at->note) {
-            buf_puts(&a, ",\"verdict\":\"retry\",\"reason\":\"");
-            buf_puts(&a, at->note);
-            buf_puts(&a, "\"}");
-        } else {
-            buf_puts(&a, ",\"verdict\":\"pass\"}");
+        buf_puts(&a, ",\"verdict\":\"");
+        buf_puts(&a, at->verdict);
+        buf_puts(&a, "\"");
+        if (at->reason[0] != '\0') {
+            buf_puts(&a, ",\"reason\":\"");
+            buf_puts(&a, at->reason);
+            buf_puts(&a, "\"");
         }
+        if (at->refused != NULL) {
+            buf_puts(&a, ",\"refused\":\"");
+            buf_puts(&a, at->refused);
+            buf_puts(&a, "\"");
+        }
+        if (at->failure != NULL) {
+            buf_puts(&a, ",\"policy_error\":\"");
+            buf_puts(&a, at->failure);
+            buf_puts(&a, "\"");
+        }
+        buf_puts(&a, "}");
     }
     buf_puts(&a, "]");
     log_raw(r, "attempts", a.data, a.len);
@@ -275,22 +303,31 @@ static void log_access(txn_t *t)
 
 /* ---- transactions ------------------------------------------------------------- */
 
-static void attempt_end(txn_t *t, int status, const char *error, const char *note)
+/* Closes the ledger line of the attempt in flight; returns it (NULL when
+ * there is none) so the verdict can be filled in. */
+static attempt_t *attempt_end(txn_t *t, int status, const char *error)
 {
     if (t->attempt_t0 == 0 || t->n_attempts >= MAX_ATTEMPTS)
-        return;
+        return NULL;
     attempt_t *a = &t->attempts[t->n_attempts++];
+    memset(a, 0, sizeof *a);
     a->status = status;
     a->error = error;
-    a->note = note;
+    a->verdict = "pass";
     a->ns = clock_now_ns() - t->attempt_t0;
     t->attempt_t0 = 0;
+    return a;
 }
 
 static void txn_free(txn_t *t)
 {
+    if (t->policy != NULL)
+        policy_release(t->policy);
     http_head_free(t->req);
     http_head_free(t->res);
+    http_head_free(t->last_res);
+    buf_free(&t->res_body);
+    buf_free(&t->last_body);
     buf_free(&t->head);
     buf_free(&t->body);
     free(t);
@@ -583,8 +620,105 @@ static int txn_flush(txn_t *t)
     return 0;
 }
 
-/* The upstream failed without a usable response: try once more on a fresh
- * connection when a pooled one turned out dead, else answer 502/504.
+static void txn_send_body(txn_t *t, const char *at, size_t n);
+static void txn_response_done(txn_t *t, int extra_bytes);
+static int txn_respond(txn_t *t, const verdict_t *v);
+static void txn_commit(txn_t *t);
+static void on_client_timeout(uv_timer_t *timer);
+
+static const char *verdict_name(verdict_kind_t k)
+{
+    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
+}
+
+/* Why errord will not make the retry a policy asked for, or NULL. */
+static const char *retry_refusal(const txn_t *t, const verdict_t *v)
+{
+    const policy_settings_t *s = policy_settings(t->policy);
+    if (t->attempt >= s->attempts)
+        return "attempts";
+    if (!txn_repeatable(t) && !v->unsafe)
+        return "unsafe";
+    if (!t->req_done)
+        return "body_incomplete";
+    if (!t->replayable)
+        return "body_too_large";
+    return NULL;
+}
+
+static void log_refusal(const txn_t *t, const attempt_t *a, const char *why)
+{
+    log_record_t *r = log_begin(LOG_INFO, "retry refused");
+    log_str(r, "request_id", t->id);
+    log_int(r, "attempt", t->attempt);
+    if (a != NULL && a->status)
+        log_int(r, "status", a->status);
+    else if (a != NULL)
+        log_str(r, "error_kind", a->error);
+    log_str(r, "refused", why);
+    log_end(r);
+}
+
+/* The next attempt waits for the verdict's delay (or the backoff), holding
+ * no upstream connection: the client connection's timer counts it down. */
+static void txn_schedule_retry(txn_t *t, const verdict_t *v)
+{
+    uint64_t delay = v->after_ms >= 0 ? (uint64_t)v->after_ms
+                                      : policy_backoff_ms(t->policy, t->attempt);
+    http_head_free(t->res);
+    t->res = NULL;
+    buf_clear(&t->res_body);
+    t->res_done = t->holding = t->res_over = 0;
+    t->client->timer_mode = CT_RETRY;
+    uv_timer_start(&t->client->io.timer, on_client_timeout, delay, 0);
+}
+
+/* Makes the retry a verdict asks for, unless errord refuses it (then the
+ * refusal goes into the ledger and the log). Returns 1 when scheduled. */
+static int txn_apply_retry(txn_t *t, attempt_t *a, const verdict_t *v)
+{
+    const char *refused = retry_refusal(t, v);
+    if (refused != NULL) {
+        if (a != NULL)
+            a->refused = refused;
+        log_refusal(t, a, refused);
+        return 0;
+    }
+    txn_schedule_retry(t, v);
+    return 1;
+}
+
+static void note_verdict(attempt_t *a, const verdict_t *v)
+{
+    if (a == NULL)
+        return;
+    a->verdict = verdict_name(v->kind);
+    memcpy(a->reason, v->reason, sizeof a->reason);
+    a->failure = v->failure;
+}
+
+/* The client gets the last complete real response an earlier attempt
+ * received, rather than an answer errord makes up. Returns -1. */
+static int txn_forward_last(txn_t *t)
+{
+    http_head_free(t->res);
+    t->res = t->last_res;
+    t->last_res = NULL;
+    buf_t body = t->last_body;
+    t->last_body = (buf_t)BUF_INIT;
+    t->res_done = 1;
+    txn_commit(t);
+    if (body.len > 0)
+        txn_send_body(t, body.data, body.len);
+    buf_free(&body);
+    txn_response_done(t, 0);
+    return -1;
+}
+
+/* The upstream failed without a usable response. A pooled connection that
+ * turned out dead gets the request once more on a fresh connection; then
+ * the policy's error handler decides; without one (or when it passes)
+ * errord answers 502/504, or forwards an earlier attempt's real response.
  * Returns -1 when the transaction ended. */
 static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message)
 {
@@ -593,11 +727,14 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
      * only for a request that may be repeated (RFC 9112 9.3.1). */
     int stale = t->up_reused && t->res_bytes == 0 && !t->committed && !t->stale_retried &&
                 t->replayable && strcmp(kind, "reset") == 0 && txn_repeatable(t);
-    attempt_end(t, 0, kind, stale ? "stale_connection" : NULL);
+    attempt_t *a = attempt_end(t, 0, kind);
     txn_release_upstream(t, 0);
     if (stale) {
-        /* A pooled connection the upstream had already closed: the request
-         * never reached it, so it goes again on a new connection. */
+        /* The upstream had closed it: the request never reached it. */
+        if (a != NULL) {
+            a->verdict = "retry";
+            snprintf(a->reason, sizeof a->reason, "stale_connection");
+        }
         t->stale_retried = 1;
         return txn_attempt(t, 1);
     }
@@ -607,6 +744,29 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
     log_str(r, "error", message);
     log_str(r, "upstream", p->cfg->upstream);
     log_end(r);
+    if (!t->committed && t->policy != NULL && policy_handles_errors(t->policy)) {
+        policy_input_t in = {
+            .req = t->req,
+            .request_id = t->id,
+            .attempt = t->attempt,
+            .elapsed_ns = clock_now_ns() - t->t0,
+            .attempt_ns = a != NULL ? a->ns : 0,
+            .err_kind = kind,
+            .err_message = message,
+        };
+        verdict_t v = VERDICT_INIT;
+        policy_decide(t->policy, &in, &v);
+        note_verdict(a, &v);
+        int scheduled = v.kind == VERDICT_RETRY && txn_apply_retry(t, a, &v);
+        int responded = v.kind == VERDICT_RESPOND && txn_respond(t, &v) < 0;
+        verdict_reset(&v);
+        if (scheduled)
+            return 0;
+        if (responded)
+            return -1;
+    }
+    if (t->last_res != NULL && !t->committed)
+        return txn_forward_last(t);
     return txn_fail(t, status, message);
 }
 
@@ -678,18 +838,132 @@ static void txn_commit(txn_t *t)
     buf_free(&b);
 }
 
+/* Whether the upstream connection can take another request after this
+ * response: it is complete, nothing followed it, nobody asked to close. */
+static int response_reusable(const txn_t *t, int extra_bytes)
+{
+    const http_head_t *res = t->res;
+    return t->res_done && !extra_bytes && t->end_sent &&
+           !(res->flags & (HTTP_F_BODY_TO_EOF | HTTP_F_CLOSE)) &&
+           (res->version == 11 || (res->flags & HTTP_F_KEEP_ALIVE));
+}
+
 /* The response is complete: end the body and the transaction. */
 static void txn_response_done(txn_t *t, int extra_bytes)
 {
-    const http_head_t *res = t->res;
     if (t->chunk_out)
         io_append(&t->client->io, "0\r\n\r\n", 5);
-    int reusable = !extra_bytes && t->end_sent && !(res->flags & HTTP_F_BODY_TO_EOF) &&
-                   !(res->flags & HTTP_F_CLOSE) &&
-                   (res->version == 11 || (res->flags & HTTP_F_KEEP_ALIVE));
-    attempt_end(t, res->status, NULL, NULL);
+    int reusable = response_reusable(t, extra_bytes);
+    attempt_end(t, t->res->status, NULL); /* unless the policy's verdict closed it */
     txn_release_upstream(t, reusable);
     txn_finish(t);
+}
+
+/* Sends response body bytes to the client, framed. */
+static void txn_send_body(txn_t *t, const char *at, size_t n)
+{
+    io_t *out = &t->client->io;
+    if (t->chunk_out) {
+        char line[24];
+        io_append(out, line, chunk_size_line(line, n));
+        io_append(out, at, n);
+        io_append(out, "\r\n", 2);
+    } else {
+        io_append(out, at, n);
+    }
+    t->bytes_out += n;
+}
+
+/* Answers with the policy's respond{} verdict. Returns -1 (the transaction
+ * is over). */
+static int txn_respond(txn_t *t, const verdict_t *v)
+{
+    client_t *c = t->client;
+    int no_body = v->status == 204 || v->status == 304;
+    buf_t b = BUF_INIT;
+    t->committed = 1;
+    t->status = v->status;
+    t->keep_alive = client_wants_more(t);
+    buf_puts(&b, "HTTP/1.1 ");
+    buf_put_u64(&b, (uint64_t)v->status);
+    buf_puts(&b, " ");
+    buf_puts(&b, http_reason(v->status));
+    buf_puts(&b, "\r\n");
+    buf_append(&b, v->headers.data, v->headers.len);
+    if (!no_body)
+        put_content_length(&b, (int64_t)v->body.len);
+    buf_puts(&b, "Date: ");
+    buf_puts(&b, http_date(c->proxy));
+    buf_puts(&b, "\r\nX-Request-Id: ");
+    buf_puts(&b, t->id);
+    buf_puts(&b, "\r\n");
+    if (!t->keep_alive)
+        buf_puts(&b, "Connection: close\r\n");
+    else if (t->req->version == 10)
+        buf_puts(&b, "Connection: keep-alive\r\n");
+    buf_puts(&b, "\r\n");
+    if (!no_body && t->req->method != HTTP_M_HEAD) {
+        buf_append(&b, v->body.data, v->body.len);
+        t->bytes_out = v->body.len;
+    }
+    io_append(&c->io, b.data, b.len);
+    buf_free(&b);
+    txn_finish(t);
+    return -1;
+}
+
+/* The held response goes to its handler. Returns 0 when the response keeps
+ * streaming from the same connection, -1 when the connection was let go
+ * (retry, respond, or the response is complete). */
+static int txn_decide(txn_t *t, int extra_bytes)
+{
+    policy_input_t in = {
+        .req = t->req,
+        .request_id = t->id,
+        .attempt = t->attempt,
+        .elapsed_ns = clock_now_ns() - t->t0,
+        .res = t->res,
+        .body = t->res_over ? NULL : (t->res_body.data ? t->res_body.data : ""),
+        .body_len = t->res_over ? 0 : t->res_body.len,
+        .attempt_ns = clock_now_ns() - t->attempt_t0,
+    };
+    verdict_t v = VERDICT_INIT;
+    policy_decide(t->policy, &in, &v);
+    t->holding = 0;
+    attempt_t *a = attempt_end(t, t->res->status, NULL);
+    note_verdict(a, &v);
+    if (v.kind == VERDICT_RETRY) {
+        int reusable = response_reusable(t, extra_bytes);
+        if (retry_refusal(t, &v) == NULL && !t->res_over && t->res_done) {
+            /* A complete answer is kept, for when no later attempt gets one. */
+            http_head_free(t->last_res);
+            buf_free(&t->last_body);
+            t->last_res = t->res;
+            t->last_body = t->res_body;
+            t->res = NULL;
+            t->res_body = (buf_t)BUF_INIT;
+        }
+        if (txn_apply_retry(t, a, &v)) {
+            verdict_reset(&v);
+            txn_release_upstream(t, reusable);
+            return -1;
+        }
+    } else if (v.kind == VERDICT_RESPOND) {
+        txn_release_upstream(t, response_reusable(t, extra_bytes));
+        txn_respond(t, &v);
+        verdict_reset(&v);
+        return -1;
+    }
+    verdict_reset(&v);
+    txn_commit(t);
+    if (t->res_body.len > 0)
+        txn_send_body(t, t->res_body.data, t->res_body.len);
+    buf_free(&t->res_body);
+    if (t->res_done) {
+        txn_response_done(t, extra_bytes);
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- upstream events ------------------------------------------------------------ */
@@ -703,7 +977,10 @@ static int on_res_head(void *ud, http_head_t *head)
         return 0;
     }
     t->res = head;
-    txn_commit(t);
+    if (t->policy != NULL && policy_handles(t->policy, head->status))
+        t->holding = 1; /* its handler decides once the body is in (or too big) */
+    else
+        txn_commit(t);
     up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
     return 0;
 }
@@ -712,16 +989,16 @@ static int on_res_body(void *ud, const char *at, size_t n)
 {
     upconn_t *u = ud;
     txn_t *t = u->owner;
-    io_t *out = &t->client->io;
-    if (t->chunk_out) {
-        char line[24];
-        io_append(out, line, chunk_size_line(line, n));
-        io_append(out, at, n);
-        io_append(out, "\r\n", 2);
-    } else {
-        io_append(out, at, n);
+    if (t->holding) {
+        /* Past body_limit the handler is asked at once (body = nil); until
+         * then at most one more read lands here. */
+        if (buf_append(&t->res_body, at, n) < 0)
+            return -1;
+        if (t->res_body.len > policy_settings(t->policy)->body_limit)
+            t->res_over = 1;
+        return 0;
     }
-    t->bytes_out += n;
+    txn_send_body(t, at, n);
     return 0;
 }
 
@@ -744,7 +1021,10 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         return;
     if (nread < 0) {
         if (http_parser_finish(u->parser) == 0 && t->res_done) {
-            txn_response_done(t, 0);
+            if (t->holding)
+                txn_decide(t, 1);
+            else
+                txn_response_done(t, 0);
             return;
         }
         if (t->res == NULL)
@@ -776,9 +1056,14 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
             http_parser_resume(u->parser); /* after an interim response */
             continue;
         }
-        txn_response_done(t, n > 0);
+        if (t->holding)
+            txn_decide(t, n > 0);
+        else
+            txn_response_done(t, n > 0);
         return;
     }
+    if (t->holding && t->res_over && txn_decide(t, 0) < 0)
+        return;
     if (io_pending(&t->client->io) > HIGH_WATER) {
         /* The client reads slower than the upstream sends: stop reading the
          * upstream (not its fault now) and time the client instead. */
@@ -831,8 +1116,14 @@ static int on_req_head(void *ud, http_head_t *head)
     t->client = c;
     t->req = head;
     t->t0 = clock_now_ns();
-    t->status = 0;
-    t->replayable = head->content_length <= REPLAY_LIMIT;
+    t->attempt = 1;
+    t->policy = p->policy;
+    t->replay_limit = REPLAY_LIMIT;
+    if (t->policy != NULL) {
+        policy_hold(t->policy);
+        t->replay_limit = policy_settings(t->policy)->replay_limit;
+    }
+    t->replayable = head->content_length <= (int64_t)t->replay_limit;
     c->txn = t;
     request_id(t, p);
 
@@ -857,7 +1148,7 @@ static int on_req_body(void *ud, const char *at, size_t n)
         t->status = 413;
         return -1;
     }
-    if (t->replayable && t->body_in > REPLAY_LIMIT)
+    if (t->replayable && t->body_in > t->replay_limit)
         t->replayable = 0;
     if (!t->replayable && t->body_fwd > 0 && t->body_fwd == t->body.len) {
         buf_clear(&t->body);
@@ -902,6 +1193,14 @@ static void on_client_timeout(uv_timer_t *timer)
     }
     if (c->timer_mode == CT_SEND) {
         client_abort(c, "client stopped reading the response");
+        return;
+    }
+    if (c->timer_mode == CT_RETRY) {
+        txn_t *t = c->txn;
+        c->timer_mode = CT_NONE;
+        t->attempt++;
+        if (txn_attempt(t, 0) == 0)
+            txn_flush(t);
         return;
     }
     if (c->txn != NULL) {
@@ -1074,7 +1373,7 @@ static void client_drop_txn(client_t *c, const char *why)
     if (t->status == 0)
         t->status = 499; /* the client went away before an answer */
     if (t->up != NULL)
-        attempt_end(t, 0, "aborted", NULL);
+        attempt_end(t, 0, "aborted");
     txn_release_upstream(t, 0);
     log_access(t);
     txn_free(t);
@@ -1162,14 +1461,27 @@ static void on_check(uv_check_t *h)
     log_flush();
 }
 
-proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared)
+proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
+                   const char *policy_path, char *err, size_t errlen)
 {
     proxy_t *p = calloc(1, sizeof *p);
-    if (p == NULL)
+    if (p == NULL) {
+        snprintf(err, errlen, "out of memory");
         return NULL;
+    }
+    if (policy_path != NULL) {
+        /* Each event loop has its own Lua state. */
+        p->policy = policy_load(policy_path, err, errlen);
+        if (p->policy == NULL) {
+            free(p);
+            return NULL;
+        }
+    }
     p->rbuf = malloc(READ_BUF_SIZE);
     if (p->rbuf == NULL) {
+        policy_release(p->policy);
         free(p);
+        snprintf(err, errlen, "out of memory");
         return NULL;
     }
     p->loop = loop;
@@ -1189,8 +1501,10 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared)
     p->upstream_owner.limits = &p->res_limits;
     p->upstream = upstream_new(loop, cfg, &p->upstream_owner);
     if (p->upstream == NULL) {
+        policy_release(p->policy);
         free(p->rbuf);
         free(p);
+        snprintf(err, errlen, "out of memory");
         return NULL;
     }
     loop->data = p;
@@ -1298,6 +1612,7 @@ void proxy_free(proxy_t *p)
     if (p == NULL)
         return;
     upstream_free(p->upstream);
+    policy_release(p->policy);
     free(p->rbuf);
     free(p);
 }

@@ -17,8 +17,10 @@ typedef struct {
 
 typedef struct proxy_s proxy_t;
 
-/* Creates the proxy of `loop`. Returns NULL when out of memory. */
-proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared);
+/* Creates the proxy of `loop`, with its own instance of the policy at
+ * `policy_path` (NULL: no policy). Returns NULL with a message in `err`. */
+proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
+                   const char *policy_path, char *err, size_t errlen);
 
 /* Binds and listens on --listen (with SO_REUSEPORT, so that every event loop
  * can have its own listener). Returns 0 or a libuv error. */

@@ -38,6 +38,10 @@ class Errord:
     as they arrive."""
 
     def __init__(self, upstream, *args, env=None, listen="127.0.0.1:0", check_start=True):
+        # Without --policy the proxy alone is under test: no policy runs.
+        if not any(a == "--policy" or a.startswith("--policy=") for a in args) and \
+                "ERRORD_POLICY" not in (env or {}):
+            args = ("--policy", "off", *args)
         self.cmd = [ERRORD, "--listen", listen, "--upstream", upstream, *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ERRORD_")}
         full_env.update(env or {})

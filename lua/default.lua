@@ -1,0 +1,107 @@
+-- errord's default policy, for an API that answers like the reference API
+-- (JSON errors with a "message" field; request limits signalled with 403).
+--
+--   204        no new data: a success, passed through untouched
+--   400 404 422  the client's mistake: logged, never retried
+--   401        bad credentials: alert, never retried
+--   403        "request limit ..." in the message: retried with backoff;
+--              any other 403 is a real refusal: alert, pass it on
+--   500 504    "try again later": retried with backoff
+--   502        down or being upgraded: retried with a longer backoff, and an
+--              alert once it keeps happening
+--   no answer  connection refused, timeout, reset: retried (errord itself
+--              never repeats a POST or PATCH without an Idempotency-Key)
+--
+-- errord enforces the rest: settings.attempts, idempotency, the size of a
+-- request body it can replay. Copy this file to start your own policy.
+
+local p = {}
+
+p.settings = {
+  attempts = 3,                              -- the first try included
+  backoff  = { base_ms = 100, max_ms = 5000 },
+}
+
+local function message(res)
+  local m = res.json and res.json.message
+  return type(m) == "string" and m or ""
+end
+
+local function client_error(req, res)
+  log { msg = "upstream rejected the request", path = req.path, message = message(res) }
+end
+
+p[400] = client_error
+p[404] = client_error
+p[422] = client_error
+
+p[401] = function(req, res)
+  alert { name = "UpstreamCredentialsRejected", severity = "critical",
+          summary = "upstream answered 401 to " .. req.method .. " " .. req.path .. ": "
+                    .. message(res) }
+end
+
+p[403] = function(req, res)
+  if message(res):lower():find("limit", 1, true) then
+    -- Retry-After, when the upstream gives one, beats our own backoff.
+    return retry { after = res.retry_after_ms, reason = "request_limit" }
+  end
+  alert { name = "UpstreamForbidden", severity = "warning",
+          summary = "upstream refused " .. req.method .. " " .. req.path .. ": " .. message(res) }
+end
+
+local function try_again(req, res)
+  return retry { reason = "server_error" }
+end
+
+p[500] = try_again
+p[504] = try_again
+
+p[502] = function(req, res)
+  if errord.count("upstream_502", 60) > 10 then
+    alert { name = "UpstreamDown", severity = "critical",
+            summary = "over 10 responses 502 from the upstream in the last minute" }
+  end
+  return retry { after = errord.backoff(req.attempt + 2), reason = "upstream_down" }
+end
+
+p.error = function(req, err)
+  return retry { reason = err.kind }
+end
+
+p.tests = {
+  { name = "204 is a success",
+    res = { status = 204 }, expect = { verdict = "pass", alert = false } },
+  { name = "400 is logged, not retried",
+    res = { status = 400, json = { message = "Invalid parameter: id" } },
+    expect = { verdict = "pass", alert = false } },
+  { name = "404 is not retried",
+    res = { status = 404, json = { message = "Item not found" } }, expect = { verdict = "pass" } },
+  { name = "422 is not retried",
+    res = { status = 422, json = { message = "The JSON body of the request is badly-formed" } },
+    expect = { verdict = "pass" } },
+  { name = "401 raises a credentials alert",
+    res = { status = 401, json = { message = "Missing or incorrect authentication credentials" } },
+    expect = { verdict = "pass", alert = "UpstreamCredentialsRejected" } },
+  { name = "403 for request limits is retried",
+    res = { status = 403, json = { message = "Request limit exceeded, please slow down" } },
+    expect = { verdict = "retry", reason = "request_limit", alert = false } },
+  { name = "any other 403 alerts and passes",
+    res = { status = 403, json = { message = "Access to this resource is not allowed" } },
+    expect = { verdict = "pass", alert = "UpstreamForbidden" } },
+  { name = "403 without a JSON body alerts and passes",
+    res = { status = 403, body = "forbidden" },
+    expect = { verdict = "pass", alert = "UpstreamForbidden" } },
+  { name = "500 is retried",
+    res = { status = 500, json = { message = "Something is broken" } },
+    expect = { verdict = "retry", reason = "server_error" } },
+  { name = "504 is retried",
+    res = { status = 504 }, expect = { verdict = "retry", reason = "server_error" } },
+  { name = "502 is retried",
+    res = { status = 502 }, expect = { verdict = "retry", reason = "upstream_down" } },
+  { name = "a refused connection is retried",
+    err = { kind = "connect", message = "connection refused" },
+    expect = { verdict = "retry", reason = "connect" } },
+}
+
+return p

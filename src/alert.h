@@ -1,0 +1,35 @@
+/* alert: the table of firing alerts, shared by every worker and kept across
+ * policy reloads. A policy's alert{} lands here, de-duplicated by name and
+ * labels: the same alert again only counts up and refreshes its summary.
+ * (Delivery to Alertmanager and the other sinks reads this table.) */
+#ifndef ERRORD_ALERT_H
+#define ERRORD_ALERT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    const char *key;
+    const char *value;
+} alert_label_t;
+
+typedef struct {
+    const char *name;
+    const char *severity;
+    const char *summary;
+    const alert_label_t *labels; /* sorted by key, keys unique */
+    size_t n_labels;
+} alert_event_t;
+
+/* Records one occurrence at `now_ms` (wall clock). Returns how many times
+ * this alert (name + labels) has fired so far, or -1 when out of memory.
+ * Thread-safe. */
+int64_t alert_fire(const alert_event_t *ev, int64_t now_ms);
+
+/* How many distinct alerts are in the table. */
+size_t alert_count(void);
+
+/* Forgets every alert (for tests). */
+void alert_reset(void);
+
+#endif

@@ -1,0 +1,119 @@
+/* policy: a user's Lua policy, loaded into a sandbox, asked about upstream
+ * responses and failures, answering with a plain C verdict.
+ *
+ * A policy file returns a table whose keys pick the handler: the exact
+ * status ([403]), its class (["4xx"]), then `default`; `error` gets failures
+ * that have no status. Handlers are resolved once at load time, so a status
+ * without one never enters Lua (policy_handles() is a table lookup).
+ *
+ * A policy_t belongs to one event loop (Lua states are not shared between
+ * threads). Requests hold it while they run, so a reload can swap it while
+ * they finish under the one they started with. */
+#ifndef ERRORD_POLICY_H
+#define ERRORD_POLICY_H
+
+#include "buf.h"
+#include "http.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct policy_s policy_t;
+
+/* settings = { ... } of the policy file, with errord's defaults. */
+typedef struct {
+    int attempts;              /* tries per client request, the first included */
+    uint64_t backoff_base_ms;  /* exponential backoff with full jitter */
+    uint64_t backoff_max_ms;
+    size_t body_limit;         /* response bodies up to this are buffered for handlers */
+    size_t replay_limit;       /* request bodies up to this are kept for retries */
+    uint64_t handler_instructions; /* per handler call */
+    uint64_t handler_time_ms;      /* per handler call */
+    size_t memory_limit;           /* the Lua state's memory, bytes */
+} policy_settings_t;
+
+/* What a handler is asked about. `res` is NULL for the error handler, which
+ * gets `err_kind` ("connect", "timeout", "reset", "protocol") and
+ * `err_message` instead. `body` is NULL when the response body is larger than
+ * body_limit (it is being streamed). */
+typedef struct {
+    const http_head_t *req;
+    const char *request_id;
+    int attempt;          /* 1 for the first try */
+    uint64_t elapsed_ns;  /* since the client request arrived */
+    const http_head_t *res;
+    const char *body;
+    size_t body_len;
+    uint64_t attempt_ns;  /* since this attempt started */
+    const char *err_kind;
+    const char *err_message;
+} policy_input_t;
+
+typedef enum { VERDICT_PASS, VERDICT_RETRY, VERDICT_RESPOND } verdict_kind_t;
+
+#define VERDICT_REASON_MAX 32
+
+/* What a handler decided. */
+typedef struct {
+    verdict_kind_t kind;
+    /* retry */
+    int64_t after_ms; /* -1: not given, use the backoff */
+    char reason[VERDICT_REASON_MAX + 1]; /* [a-z0-9_], "" when not given */
+    int unsafe;       /* the policy vouches a non-idempotent request may repeat */
+    /* respond */
+    int status;
+    buf_t headers; /* "Name: value\r\n" lines */
+    buf_t body;
+    int has_content_type;
+    /* The handler failed (raised, ran too long, ran out of memory or
+     * returned something that is not a verdict): errord passes (fails open)
+     * and this says why: "error", "timeout", "memory", "verdict". */
+    const char *failure;
+} verdict_t;
+
+#define VERDICT_INIT {VERDICT_PASS, -1, "", 0, 0, BUF_INIT, BUF_INIT, 0, NULL}
+
+/* Loads and checks a policy file. Returns NULL with a message that names the
+ * file and line in `err`. Warnings (unknown keys...) are logged. */
+policy_t *policy_load(const char *path, char *err, size_t errlen);
+
+/* One result of policy_run_tests(). */
+typedef struct {
+    const char *name;
+    int passed;
+    const char *message; /* why it failed */
+} policy_test_result_t;
+
+/* Runs the policy's own p.tests (and nothing leaks out of them: logs,
+ * alerts and counts stay inside the test). Calls `report` per test when not
+ * NULL. Returns the number that failed, or -1 when p.tests is malformed
+ * (`err` says why). */
+int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, void *arg),
+                     void *arg, char *err, size_t errlen);
+
+/* Reference counting: the loader's reference is released with
+ * policy_release(); the last release frees. Same thread only. */
+void policy_hold(policy_t *p);
+void policy_release(policy_t *p);
+
+const policy_settings_t *policy_settings(const policy_t *p);
+const char *policy_path(const policy_t *p);
+
+/* Whether a response with `status` goes to a handler. */
+int policy_handles(const policy_t *p, int status);
+
+/* Whether failures without a status go to an `error` handler. */
+int policy_handles_errors(const policy_t *p);
+
+/* Asks the handler for `in` and fills `out` (which starts as VERDICT_INIT).
+ * Never fails: a broken handler yields pass with out->failure set. */
+void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out);
+
+/* errord.backoff(attempt) with the policy's settings: a random delay in
+ * [0, min(max, base * 2^(attempt-1))] ms. */
+uint64_t policy_backoff_ms(policy_t *p, int attempt);
+
+/* Frees what a verdict holds; it is VERDICT_INIT again afterwards. */
+void verdict_reset(verdict_t *v);
+
+#endif

@@ -1,0 +1,235 @@
+/* sandbox: a Lua 5.4 state errord can hand a policy to (see sandbox.h). */
+#include "sandbox.h"
+
+#include "clock.h"
+#include "log.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+/* The count hook runs every this many VM instructions. */
+#define HOOK_EVERY 1000
+
+struct sandbox_s {
+    lua_State *L;
+    sandbox_limits_t limits;
+    size_t used; /* bytes allocated */
+    uint64_t budget; /* instructions left in this call */
+    uint64_t deadline_ns;
+    sandbox_status_t tripped;
+    void *ctx;
+};
+
+/* The allocator: every byte of the state goes through here, so the cap
+ * holds whatever the script does. When `ptr` is NULL, `osize` is a type
+ * tag, not a size (Lua manual 4.6). */
+static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    sandbox_t *s = ud;
+    size_t old = ptr != NULL ? osize : 0;
+    if (nsize == 0) {
+        free(ptr);
+        s->used -= old;
+        return NULL;
+    }
+    if (nsize > old && s->used + (nsize - old) > s->limits.memory)
+        return NULL;
+    void *p = realloc(ptr, nsize);
+    if (p != NULL)
+        s->used = s->used - old + nsize;
+    return p;
+}
+
+sandbox_t *sandbox_of(lua_State *L)
+{
+    return *(sandbox_t **)lua_getextraspace(L);
+}
+
+void *sandbox_context(lua_State *L)
+{
+    return sandbox_of(L)->ctx;
+}
+
+void sandbox_set_context(sandbox_t *s, void *ctx)
+{
+    s->ctx = ctx;
+}
+
+/* Once a limit is hit the hook fires on every instruction and raises again,
+ * so a script's pcall can catch the error but never run on. */
+static void on_hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    sandbox_t *s = sandbox_of(L);
+    if (s->tripped == SANDBOX_OK) {
+        if (s->budget <= HOOK_EVERY)
+            s->tripped = SANDBOX_TIMEOUT;
+        else
+            s->budget -= HOOK_EVERY;
+        if (clock_now_ns() > s->deadline_ns)
+            s->tripped = SANDBOX_TIMEOUT;
+        if (s->tripped == SANDBOX_OK)
+            return;
+        lua_sethook(L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+    }
+    luaL_error(L, "policy handler stopped: %s", s->budget <= HOOK_EVERY
+                                                    ? "instruction limit reached"
+                                                    : "time limit reached");
+}
+
+static int msg_handler(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+            return 1;
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
+{
+    lua_State *L = s->L;
+    int base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, msg_handler);
+    lua_insert(L, base); /* under the function and its arguments */
+    s->tripped = SANDBOX_OK;
+    s->budget = s->limits.instructions;
+    s->deadline_ns = clock_now_ns() + s->limits.time_ms * 1000000u;
+    lua_sethook(L, on_hook, LUA_MASKCOUNT, HOOK_EVERY);
+    int rc = lua_pcall(L, nargs, nresults, base);
+    lua_sethook(L, NULL, 0, 0);
+    lua_remove(L, base); /* the handler */
+    if (rc == LUA_OK)
+        return SANDBOX_OK;
+    if (s->tripped != SANDBOX_OK)
+        return s->tripped;
+    return rc == LUA_ERRMEM ? SANDBOX_MEMORY : SANDBOX_ERROR;
+}
+
+const char *sandbox_status_name(sandbox_status_t st)
+{
+    switch (st) {
+    case SANDBOX_OK: return "ok";
+    case SANDBOX_ERROR: return "error";
+    case SANDBOX_TIMEOUT: return "timeout";
+    case SANDBOX_MEMORY: return "memory";
+    }
+    return "error";
+}
+
+/* load() for text chunks only: binary chunks can break the VM. The
+ * original load is this closure's upvalue, out of the script's reach. */
+static int safe_load(lua_State *L)
+{
+    int nargs = lua_gettop(L) >= 4 ? 4 : 3; /* an env given as nil must stay given */
+    luaL_checkany(L, 1);
+    lua_settop(L, nargs);
+    lua_pushliteral(L, "t");
+    lua_replace(L, 3); /* mode */
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, nargs, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* print() writes a log record instead of to stdout. */
+static int safe_print(lua_State *L)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    int n = lua_gettop(L);
+    for (int i = 1; i <= n; i++) {
+        luaL_tolstring(L, i, NULL);
+        luaL_addvalue(&b);
+        if (i < n)
+            luaL_addchar(&b, '\t');
+    }
+    luaL_pushresult(&b);
+    log_record_t *r = log_begin(LOG_INFO, "policy print");
+    log_str(r, "text", lua_tostring(L, -1));
+    log_end(r);
+    return 0;
+}
+
+static void remove_fields(lua_State *L, const char *table, const char *const *names)
+{
+    lua_getglobal(L, table); /* pushes the table */
+    for (; *names != NULL; names++) {
+        lua_pushnil(L);
+        lua_setfield(L, -2, *names);
+    }
+    lua_pop(L, 1);
+}
+
+static void open_safe_libraries(lua_State *L)
+{
+    static const luaL_Reg libs[] = {
+        {LUA_GNAME, luaopen_base},        {LUA_STRLIBNAME, luaopen_string},
+        {LUA_TABLIBNAME, luaopen_table},  {LUA_MATHLIBNAME, luaopen_math},
+        {LUA_UTF8LIBNAME, luaopen_utf8},  {LUA_OSLIBNAME, luaopen_os},
+        {NULL, NULL},
+    };
+    for (const luaL_Reg *lib = libs; lib->func != NULL; lib++) {
+        luaL_requiref(L, lib->name, lib->func, 1);
+        lua_pop(L, 1);
+    }
+    static const char *const base_out[] = {"dofile", "loadfile", "collectgarbage", NULL};
+    static const char *const os_out[] = {"execute", "exit",    "getenv",    "remove",
+                                         "rename",  "tmpname", "setlocale", NULL};
+    static const char *const string_out[] = {"dump", NULL};
+    remove_fields(L, LUA_GNAME, base_out);
+    remove_fields(L, LUA_OSLIBNAME, os_out);
+    remove_fields(L, LUA_STRLIBNAME, string_out);
+
+    lua_getglobal(L, "load");
+    lua_pushcclosure(L, safe_load, 1); /* pops the original load */
+    lua_setglobal(L, "load");
+    lua_pushcfunction(L, safe_print);
+    lua_setglobal(L, "print");
+}
+
+sandbox_t *sandbox_new(const sandbox_limits_t *limits)
+{
+    sandbox_t *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return NULL;
+    s->limits = *limits;
+    s->L = lua_newstate(sandbox_alloc, s);
+    if (s->L == NULL) {
+        free(s);
+        return NULL;
+    }
+    *(sandbox_t **)lua_getextraspace(s->L) = s;
+    lua_gc(s->L, LUA_GCGEN, 0, 0); /* short-lived garbage: generational mode */
+    open_safe_libraries(s->L);
+    return s;
+}
+
+void sandbox_set_limits(sandbox_t *s, const sandbox_limits_t *limits)
+{
+    s->limits = *limits;
+}
+
+lua_State *sandbox_state(sandbox_t *s)
+{
+    return s->L;
+}
+
+size_t sandbox_memory(const sandbox_t *s)
+{
+    return s->used;
+}
+
+void sandbox_free(sandbox_t *s)
+{
+    if (s == NULL)
+        return;
+    lua_close(s->L);
+    free(s);
+}

@@ -1,0 +1,63 @@
+/* sandbox: a Lua 5.4 state errord can hand a policy to.
+ *
+ * Only safe libraries are opened (string, table, math, utf8, the time parts
+ * of os, and a base library without file access or binary chunks). Memory
+ * is capped by errord's own allocator, and every call into the policy is
+ * bounded by an instruction count and a wall-clock limit that the script's
+ * own pcall cannot swallow. Only the Lua modules (sandbox, lua_api, policy)
+ * see this header. */
+#ifndef ERRORD_SANDBOX_H
+#define ERRORD_SANDBOX_H
+
+#include <lua.h>
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct sandbox_s sandbox_t;
+
+/* How a protected call ended. */
+typedef enum {
+    SANDBOX_OK = 0,
+    SANDBOX_ERROR,   /* the script raised an error */
+    SANDBOX_TIMEOUT, /* instruction or time limit */
+    SANDBOX_MEMORY,  /* the memory cap */
+} sandbox_status_t;
+
+typedef struct {
+    uint64_t instructions; /* per call */
+    uint64_t time_ms;      /* per call */
+    size_t memory;         /* bytes, for the whole state */
+} sandbox_limits_t;
+
+/* Creates a state with the safe libraries open. Returns NULL when out of
+ * memory. */
+sandbox_t *sandbox_new(const sandbox_limits_t *limits);
+
+/* Changes the limits (a policy's settings are read after its chunk ran). */
+void sandbox_set_limits(sandbox_t *s, const sandbox_limits_t *limits);
+
+lua_State *sandbox_state(sandbox_t *s);
+
+/* The sandbox of a state made by sandbox_new(). */
+sandbox_t *sandbox_of(lua_State *L);
+
+/* Calls the function below `nargs` arguments on the stack, bounded by the
+ * limits, like lua_pcall(L, nargs, nresults, msgh) with a traceback handler.
+ * On failure the stack holds the error message (with its traceback) in
+ * place of the results. */
+sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults);
+
+/* What the last failed call hit, for messages: "instruction limit", ... */
+const char *sandbox_status_name(sandbox_status_t st);
+
+/* Bytes the state uses now. */
+size_t sandbox_memory(const sandbox_t *s);
+
+/* An opaque pointer for the Lua API functions to find their context. */
+void sandbox_set_context(sandbox_t *s, void *ctx);
+void *sandbox_context(lua_State *L);
+
+void sandbox_free(sandbox_t *s);
+
+#endif
