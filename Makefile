@@ -56,7 +56,7 @@ TOBJS   = $(TESTS:tests/unit/%.c=$(BUILD)/unit/%.o)
 # `make V=1` shows the commands.
 Q = $(if $(V),,@)
 
-.PHONY: all setup run test unit integration asan valgrind fuzz bench install clean
+.PHONY: FORCE all setup run test unit integration asan valgrind fuzz bench install clean
 
 all: errord
 
@@ -69,7 +69,14 @@ $(BUILD)/errord: $(OBJS) $(LLOBJS)
 	@echo "  LD      $@"
 	$(Q)$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
 
-$(BUILD)/%.o: src/%.c $(wildcard src/*.h)
+# Objects are rebuilt when the flags change (PREFIX, OPT, sanitizers...).
+$(BUILD)/.flags: FORCE
+	@mkdir -p $(@D)
+	@echo '$(CFLAGS_ALL)' | cmp -s - $@ || echo '$(CFLAGS_ALL)' > $@
+
+FORCE:
+
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h) $(BUILD)/.flags
 	@mkdir -p $(@D)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(CFLAGS_ALL) -c -o $@ $<
@@ -79,7 +86,7 @@ $(BUILD)/llhttp/%.o: $(LLHTTP_SRC)/%.c
 	@echo "  CC      $<"
 	$(Q)$(CC) $(LLHTTP_FLAGS) -c -o $@ $<
 
-$(BUILD)/unit/%.o: tests/unit/%.c $(wildcard tests/unit/*.h src/*.h)
+$(BUILD)/unit/%.o: tests/unit/%.c $(wildcard tests/unit/*.h src/*.h) $(BUILD)/.flags
 	@mkdir -p $(@D)
 	@echo "  CC      $<"
 	$(Q)$(CC) $(CFLAGS_ALL) -Isrc -c -o $@ $<
