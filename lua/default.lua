@@ -9,6 +9,8 @@
 --   500 504    "try again later": retried with backoff
 --   502        down or being upgraded: retried with a longer backoff, and an
 --              alert once it keeps happening
+--              (an endpoint whose retries failed more than 5 times in 10 s is
+--              not retried: that would only add load to a struggling service)
 --   no answer  connection refused, timeout, reset: retried (errord itself
 --              never repeats a POST or PATCH without an Idempotency-Key)
 --
@@ -27,6 +29,17 @@ local function message(res)
   return type(m) == "string" and m or ""
 end
 
+-- Retries that keep failing are stopped: past 5 failed retries of an
+-- endpoint in 10 s, retrying it only multiplies the load on a service that
+-- is struggling and makes the application wait for an answer that will not
+-- change. (A retry that succeeds never counts, so an endpoint that fails
+-- now and then keeps being retried.)
+local function retries_futile(req)
+  local key = "failed retries " .. req.method .. " " .. req.path:match("^[^?]*")
+  -- this response is itself a failed retry when it answers attempt 2 or later
+  return errord.count(key, 10, req.attempt > 1 and 1 or 0) > 5
+end
+
 local function client_error(req, res)
   log { msg = "upstream rejected the request", path = req.path, message = message(res) }
 end
@@ -43,6 +56,7 @@ end
 
 p[403] = function(req, res)
   if message(res):lower():find("limit", 1, true) then
+    if retries_futile(req) then return pass() end
     -- Retry-After, when the upstream gives one, beats our own backoff.
     return retry { after = res.retry_after_ms, reason = "request_limit" }
   end
@@ -51,6 +65,7 @@ p[403] = function(req, res)
 end
 
 local function try_again(req, res)
+  if retries_futile(req) then return pass() end
   return retry { reason = "server_error" }
 end
 
@@ -62,6 +77,7 @@ p[502] = function(req, res)
     alert { name = "UpstreamDown", severity = "critical",
             summary = "over 10 responses 502 from the upstream in the last minute" }
   end
+  if retries_futile(req) then return pass() end
   return retry { after = errord.backoff(req.attempt + 2), reason = "upstream_down" }
 end
 
@@ -99,6 +115,17 @@ p.tests = {
     res = { status = 504 }, expect = { verdict = "retry", reason = "server_error" } },
   { name = "502 is retried",
     res = { status = 502 }, expect = { verdict = "retry", reason = "upstream_down" } },
+  { name = "an endpoint whose retries keep failing is not retried",
+    req = { method = "GET", path = "/v1/items?page=2" },
+    counts = { ["failed retries GET /v1/items"] = 6 },
+    res = { status = 500 }, expect = { verdict = "pass" } },
+  { name = "a few failed retries do not stop retrying",
+    req = { method = "GET", path = "/v1/items" },
+    counts = { ["failed retries GET /v1/items"] = 3 },
+    res = { status = 500 }, expect = { verdict = "retry" } },
+  { name = "502 past 10 a minute alerts",
+    counts = { upstream_502 = 10 },
+    res = { status = 502 }, expect = { verdict = "retry", alert = "UpstreamDown" } },
   { name = "a refused connection is retried",
     err = { kind = "connect", message = "connection refused" },
     expect = { verdict = "retry", reason = "connect" } },

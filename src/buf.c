@@ -6,10 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-int buf_reserve(buf_t *b, size_t extra)
+int buf_grow(buf_t *b, size_t extra)
 {
-    if (b->cap - b->len >= extra)
-        return 0;
     size_t need = b->len + extra;
     if (need < b->len)
         return -ENOMEM;
@@ -24,15 +22,9 @@ int buf_reserve(buf_t *b, size_t extra)
     return 0;
 }
 
-int buf_append(buf_t *b, const void *p, size_t n)
+int buf_reserve(buf_t *b, size_t extra)
 {
-    if (n == 0)
-        return 0;
-    if (buf_reserve(b, n) < 0)
-        return -ENOMEM;
-    memcpy(b->data + b->len, p, n);
-    b->len += n;
-    return 0;
+    return b->cap - b->len >= extra ? 0 : buf_grow(b, extra);
 }
 
 int buf_puts(buf_t *b, const char *s)
@@ -116,32 +108,41 @@ static size_t utf8_sequence(const char *s, size_t n)
     return len;
 }
 
+/* Bytes buf_json_escape() copies as they are: printable ASCII but '"' and '\\'. */
+static const unsigned char JSON_PLAIN[256] = {
+    [0x20 ... 0x21] = 1, [0x23 ... 0x5b] = 1, [0x5d ... 0x7e] = 1, /* skip '"' and '\\' */
+};
+
 int buf_json_escape(buf_t *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
+    size_t i = 0;
 
     if (buf_reserve(b, n + 2) < 0)
         return -ENOMEM;
-    size_t start = 0;
-    for (size_t i = 0; i < n; i++) {
+    while (i < n) {
+        size_t start = i;
+        while (i < n && JSON_PLAIN[(unsigned char)s[i]])
+            i++;
+        if (buf_append(b, s + start, i - start) < 0)
+            return -ENOMEM;
+        if (i == n)
+            break;
         unsigned char c = (unsigned char)s[i];
         if (c >= 0x80) {
             size_t seq = utf8_sequence(s + i, n - i);
             if (seq > 0) {
-                i += seq - 1;
+                if (buf_append(b, s + i, seq) < 0)
+                    return -ENOMEM;
+                i += seq;
                 continue;
             }
             /* Not UTF-8: a JSON line must stay valid, so say U+FFFD. */
-            if (buf_append(b, s + start, i - start) < 0 || buf_puts(b, "\\ufffd") < 0)
+            if (buf_lit(b, "\\ufffd") < 0)
                 return -ENOMEM;
-            start = i + 1;
+            i++;
             continue;
         }
-        if (c >= 0x20 && c != '"' && c != '\\' && c != 0x7f)
-            continue;
-        if (buf_append(b, s + start, i - start) < 0)
-            return -ENOMEM;
-        start = i + 1;
         char esc[6] = {'\\', 0, 0, 0, 0, 0};
         size_t elen = 2;
         switch (c) {
@@ -158,8 +159,9 @@ int buf_json_escape(buf_t *b, const char *s, size_t n)
         }
         if (buf_append(b, esc, elen) < 0)
             return -ENOMEM;
+        i++;
     }
-    return buf_append(b, s + start, n - start);
+    return 0;
 }
 
 void buf_consume(buf_t *b, size_t n)

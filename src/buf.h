@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct {
     char *data;
@@ -17,8 +18,23 @@ typedef struct {
 /* Makes room for at least `extra` more bytes. Returns 0, or -ENOMEM. */
 int buf_reserve(buf_t *b, size_t extra);
 
+/* Grows the buffer for `extra` more bytes (buf_reserve's slow path). */
+int buf_grow(buf_t *b, size_t extra);
+
 /* Appends `n` bytes. Returns 0, or -ENOMEM (the buffer is unchanged). */
-int buf_append(buf_t *b, const void *p, size_t n);
+static inline int buf_append(buf_t *b, const void *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (b->cap - b->len < n && buf_grow(b, n) < 0)
+        return -12; /* -ENOMEM */
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+/* Appends a string literal (its length is known at compile time). */
+#define buf_lit(b, lit) buf_append((b), "" lit, sizeof(lit) - 1)
 
 /* Appends a NUL-terminated string. */
 int buf_puts(buf_t *b, const char *s);

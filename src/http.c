@@ -33,9 +33,11 @@ struct http_parser_s {
     size_t head_bytes; /* bytes of this head (or trailer section) scanned */
     buf_t line0;       /* the start line, as received */
     int field_state;   /* 0: between fields, 1: in a name, 2: in a value */
-    int cl_match;      /* scanner: chars of "content-length" matched in this name, -1: no */
+    char name[16];     /* scanner: the field name so far, lower-case, first 16 bytes */
+    size_t name_len;
     int in_cl_value;   /* scanner: in a Content-Length value */
     ssize_t tab_at;    /* scanner: an HTAB llhttp must see as SP, at this offset */
+    int line0_known;   /* scanner: the start line's first word checked out */
     size_t target_off; /* where the target and reason start in the head's arena */
     size_t reason_off;
     int in_trailer;
@@ -61,6 +63,9 @@ static const unsigned char TCHAR[256] = {
     ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
     ['y'] = 1, ['z'] = 1,
 };
+
+/* Bytes a field value may hold besides HTAB: SP, VCHAR, obs-text. */
+static const unsigned char VALUE_CHAR[256] = {[0x20 ... 0x7e] = 1, [0x80 ... 0xff] = 1};
 
 static int is_field_vchar(unsigned char c)
 {
@@ -147,6 +152,44 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
     size_t i;
 
     for (i = 0; i < n && p->scan != SC_BODY; i++) {
+        /* Most of a head is names and values: take runs of ordinary bytes
+         * at once, and the byte after them one by one below. */
+        if (p->scan == SC_LINE0 && p->line0_known) {
+            size_t j = i;
+            while (j < n && data[j] != '\r' && data[j] != '\n')
+                j++;
+            if (p->line0.len + (j - i) > p->limits->max_line)
+                return fail(p, 414, "request line too long");
+            p->head_bytes += j - i;
+            if (p->head_bytes > limit)
+                return fail(p, 431, "header section too large");
+            if (buf_append(&p->line0, data + i, j - i) < 0)
+                return fail(p, 500, "out of memory");
+            i = j;
+            if (i == n)
+                break;
+        } else if (p->scan == SC_NAME) {
+            size_t j = i;
+            for (; j < n && TCHAR[(unsigned char)data[j]]; j++, p->name_len++)
+                if (p->name_len < sizeof p->name)
+                    p->name[p->name_len] = (char)(data[j] | 0x20);
+            p->head_bytes += j - i;
+            if (p->head_bytes > limit)
+                return fail(p, 431, "header section too large");
+            i = j;
+            if (i == n)
+                break;
+        } else if (p->scan == SC_VALUE) {
+            size_t j = i;
+            while (j < n && VALUE_CHAR[(unsigned char)data[j]])
+                j++;
+            p->head_bytes += j - i;
+            if (p->head_bytes > limit)
+                return fail(p, 431, "header section too large");
+            i = j;
+            if (i == n)
+                break;
+        }
         unsigned char c = (unsigned char)data[i];
         if (++p->head_bytes > limit)
             return fail(p, 431, "header section too large");
@@ -172,6 +215,9 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 return fail(p, 400, "malformed start line");
             } else if (buf_append(&p->line0, &data[i], 1) < 0) {
                 return fail(p, 500, "out of memory");
+            } else {
+                /* past the method (or "HTTP/"), the rest is checked whole */
+                p->line0_known = is_request(p) ? c == ' ' : p->line0.len >= 5;
             }
             break;
         case SC_MSG_START_CR:
@@ -194,7 +240,8 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 return fail(p, 400, "obsolete line folding");
             } else if (TCHAR[c]) {
                 p->scan = SC_NAME;
-                p->cl_match = (c | 0x20) == 'c' ? 1 : -1;
+                p->name[0] = (char)(c | 0x20);
+                p->name_len = 1;
             } else if (c == ':') {
                 return fail(p, 400, "empty header name");
             } else if (c == '\n') {
@@ -204,16 +251,14 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
             }
             break;
         case SC_NAME:
+            /* the name's bytes went by in the fast path above */
             if (c == ':') {
                 p->scan = SC_VALUE;
-                p->in_cl_value = p->cl_match == 14;
+                p->in_cl_value = p->name_len == 14 && memcmp(p->name, "content-length", 14) == 0;
             } else if (c == ' ' || c == '\t') {
                 return fail(p, 400, "whitespace between header name and colon");
-            } else if (!TCHAR[c]) {
+            } else {
                 return fail(p, 400, "invalid character in header name");
-            } else if (p->cl_match >= 0) {
-                int next = p->cl_match < 14 && (c | 0x20) == "content-length"[p->cl_match];
-                p->cl_match = next ? p->cl_match + 1 : -1;
             }
             break;
         case SC_VALUE:
@@ -262,7 +307,8 @@ static int on_message_begin(llhttp_t *ll)
     http_parser_t *p = parser_of(ll);
     if (p->head == NULL) {
         p->head = calloc(1, sizeof *p->head);
-        if (p->head == NULL)
+        /* one allocation for a typical head's strings, one for its fields */
+        if (p->head == NULL || buf_reserve(&p->head->arena, 1024) < 0)
             return user_error(p, 500, "out of memory");
     }
     p->head->content_length = -1;
@@ -738,6 +784,7 @@ static void start_message(http_parser_t *p)
     p->in_trailer = 0;
     p->ended = 0;
     p->started = 0;
+    p->line0_known = 0;
     buf_clear(&p->line0);
 }
 

@@ -70,11 +70,11 @@ log_record_t *log_begin(log_level_t level, const char *msg)
         return NULL;
     current.out = &pending;
     current.start = pending.len;
-    buf_puts(&pending, "{\"time\":\"");
+    buf_lit(&pending, "{\"time\":\"");
     put_time(&pending);
-    buf_puts(&pending, "\",\"level\":\"");
+    buf_lit(&pending, "\",\"level\":\"");
     buf_puts(&pending, LEVEL_NAME[level]);
-    buf_puts(&pending, "\"");
+    buf_lit(&pending, "\"");
     if (msg != NULL)
         log_str(&current, "msg", msg);
     return &current;
@@ -82,9 +82,9 @@ log_record_t *log_begin(log_level_t level, const char *msg)
 
 static void key(log_record_t *r, const char *k)
 {
-    buf_puts(r->out, ",\"");
+    buf_lit(r->out, ",\"");
     buf_json_escape(r->out, k, strlen(k)); /* policies choose keys too */
-    buf_puts(r->out, "\":");
+    buf_lit(r->out, "\":");
 }
 
 void log_strn(log_record_t *r, const char *k, const char *value, size_t n)
@@ -93,12 +93,12 @@ void log_strn(log_record_t *r, const char *k, const char *value, size_t n)
         return;
     key(r, k);
     if (value == NULL) {
-        buf_puts(r->out, "null");
+        buf_lit(r->out, "null");
         return;
     }
-    buf_puts(r->out, "\"");
+    buf_lit(r->out, "\"");
     buf_json_escape(r->out, value, n);
-    buf_puts(r->out, "\"");
+    buf_lit(r->out, "\"");
 }
 
 void log_str(log_record_t *r, const char *k, const char *value)
@@ -155,7 +155,7 @@ void log_end(log_record_t *r)
 {
     if (r == NULL)
         return;
-    if (buf_puts(r->out, "}\n") < 0) {
+    if (buf_lit(r->out, "}\n") < 0) {
         r->out->len = r->start; /* out of memory: drop this record whole */
         return;
     }

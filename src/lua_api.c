@@ -177,18 +177,22 @@ static int l_json_decode(lua_State *L)
 
 /* ---- errord.* helpers -------------------------------------------------------------- */
 
+/* errord.count(key, seconds = 60, add = 1): adds `add` (1 or 0) events and
+ * returns the events of the last `seconds`. */
 static int l_count(lua_State *L)
 {
     size_t n;
     const char *key = luaL_checklstring(L, 1, &n);
     lua_Integer seconds = luaL_optinteger(L, 2, 60);
+    lua_Integer add = luaL_optinteger(L, 3, 1);
     luaL_argcheck(L, seconds >= 1 && seconds <= COUNTER_MAX_WINDOW, 2,
                   "window must be 1 to 3600 seconds");
+    luaL_argcheck(L, add == 0 || add == 1, 3, "add is 1 (count this event) or 0 (only read)");
     if (ctx_of(L)->testing) {
         lua_rawgetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
         lua_pushvalue(L, 1);
         lua_rawget(L, -2);
-        lua_Integer c = lua_tointeger(L, -1) + 1;
+        lua_Integer c = lua_tointeger(L, -1) + add;
         lua_pop(L, 1);
         lua_pushvalue(L, 1);
         lua_pushinteger(L, c);
@@ -196,7 +200,9 @@ static int l_count(lua_State *L)
         lua_pushinteger(L, c);
         return 1;
     }
-    lua_pushinteger(L, counter_hit(key, n, (int)seconds, clock_wall_ms()));
+    int64_t now = clock_wall_ms();
+    lua_pushinteger(L, add ? counter_hit(key, n, (int)seconds, now)
+                           : counter_peek(key, n, (int)seconds, now));
     return 1;
 }
 
@@ -755,9 +761,22 @@ void lua_api_end_views(lua_State *L, int req_idx, int res_idx)
     lua_rawsetp(L, res_idx, &VIEW_INPUT);
 }
 
-void lua_api_reset_test_counts(lua_State *L)
+void lua_api_reset_test_counts(lua_State *L, int idx)
 {
+    idx = lua_absindex(L, idx);
     lua_newtable(L);
+    if (lua_istable(L, idx)) {
+        lua_pushnil(L);
+        while (lua_next(L, idx) != 0) {
+            if (lua_type(L, -2) == LUA_TSTRING && lua_isinteger(L, -1)) {
+                lua_pushvalue(L, -2);
+                lua_insert(L, -2);
+                lua_rawset(L, -4);
+            } else {
+                lua_pop(L, 1);
+            }
+        }
+    }
     lua_rawsetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
 }
 
@@ -782,7 +801,7 @@ void lua_api_open(lua_State *L)
     new_metatable(L, &VERDICT_MT, NULL);
     new_metatable(L, &REQ_MT, req_index);
     new_metatable(L, &RES_MT, res_index);
-    lua_api_reset_test_counts(L);
+    lua_api_reset_test_counts(L, 0);
 
     static const luaL_Reg globals[] = {
         {"pass", l_pass}, {"retry", l_retry}, {"respond", l_respond},

@@ -42,7 +42,8 @@ int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t err
 /* The backoff delay of errord.backoff(attempt). */
 uint64_t lua_api_backoff(lua_api_ctx_t *ctx, int attempt);
 
-/* Clears the scratch counts of errord.count() used by tests. */
-void lua_api_reset_test_counts(lua_State *L);
+/* Clears the scratch counts of errord.count() used by tests, then copies in
+ * the key -> number pairs of the table at `idx` (when it is a table). */
+void lua_api_reset_test_counts(lua_State *L, int idx);
 
 #endif

@@ -1,7 +1,8 @@
 /* main: flags, start-up and shutdown order.
  *
- * The main thread runs a control loop (signals, the drain timer); each worker
- * thread runs an event loop with its own listener, proxy and upstream pool.
+ * Each worker runs an event loop with its own listener, proxy and upstream
+ * pool. The first runs on the main thread's loop, next to the control work
+ * (signals, the drain timer); the others have a thread each.
  * SIGTERM or SIGINT drains the workers, bounded by --drain-timeout; errord
  * then exits 0. */
 #include "config.h"
@@ -27,7 +28,8 @@
 enum { CMD_NONE, CMD_DRAIN, CMD_ABORT };
 
 typedef struct {
-    uv_loop_t loop;
+    uv_loop_t own_loop; /* workers after the first */
+    uv_loop_t *loop;
     uv_async_t wake; /* the control loop asks for a drain or an abort */
     uv_thread_t thread;
     proxy_t *proxy;
@@ -72,7 +74,7 @@ static void worker_run(void *arg)
 {
     worker_t *w = arg;
     log_set_buffered(1);
-    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_run(w->loop, UV_RUN_DEFAULT);
     log_set_buffered(0);
 }
 
@@ -80,7 +82,7 @@ static void tell_workers(int cmd)
 {
     for (int i = 0; i < control.n_workers; i++) {
         worker_t *w = &control.workers[i];
-        if (!w->started)
+        if (!w->started && i > 0)
             continue;
         atomic_store(&w->cmd, cmd);
         uv_async_send(&w->wake);
@@ -204,12 +206,15 @@ static int start_workers(void)
         return -ENOMEM;
     for (int i = 0; i < control.cfg.workers; i++) {
         worker_t *w = &control.workers[i];
-        int rc = uv_loop_init(&w->loop);
-        if (rc < 0)
-            return rc;
+        w->loop = i == 0 ? control.loop : &w->own_loop;
+        if (i > 0) {
+            int rc = uv_loop_init(w->loop);
+            if (rc < 0)
+                return rc;
+        }
         control.n_workers++;
         char err[512];
-        w->proxy = proxy_new(&w->loop, &control.cfg, &control.shared, control.policy_path, err,
+        w->proxy = proxy_new(w->loop, &control.cfg, &control.shared, control.policy_path, err,
                              sizeof err);
         if (w->proxy == NULL) {
             log_record_t *r = log_begin(LOG_ERROR, "cannot start a worker");
@@ -217,9 +222,9 @@ static int start_workers(void)
             log_end(r);
             return -ENOMEM;
         }
-        uv_async_init(&w->loop, &w->wake, on_wake);
+        uv_async_init(w->loop, &w->wake, on_wake);
         w->wake.data = w;
-        rc = proxy_listen(w->proxy);
+        int rc = proxy_listen(w->proxy);
         if (rc < 0)
             return rc;
         if (i == 0) {
@@ -229,7 +234,7 @@ static int start_workers(void)
             config_parse_addr(addr, &control.cfg.listen_addr);
         }
     }
-    for (int i = 0; i < control.n_workers; i++) {
+    for (int i = 1; i < control.n_workers; i++) {
         worker_t *w = &control.workers[i];
         int rc = uv_thread_create(&w->thread, worker_run, w);
         if (rc < 0)
@@ -247,19 +252,26 @@ static void on_close_walk(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
+/* Waits for the threaded workers and closes their loops; the first worker's
+ * loop is the main loop, run to its end by then. */
 static void stop_workers(void)
 {
-    for (int i = 0; i < control.n_workers; i++) {
+    for (int i = 1; i < control.n_workers; i++) {
         worker_t *w = &control.workers[i];
         if (w->started) {
             uv_thread_join(&w->thread);
         } else {
-            uv_walk(&w->loop, on_close_walk, NULL);
-            uv_run(&w->loop, UV_RUN_DEFAULT);
+            uv_walk(w->loop, on_close_walk, NULL);
+            uv_run(w->loop, UV_RUN_DEFAULT);
         }
-        uv_loop_close(&w->loop);
-        proxy_free(w->proxy);
+        uv_loop_close(w->loop);
     }
+}
+
+static void free_workers(void)
+{
+    for (int i = 0; i < control.n_workers; i++)
+        proxy_free(control.workers[i].proxy);
     free(control.workers);
 }
 
@@ -308,13 +320,21 @@ int main(int argc, char **argv)
         log_end(r);
         fprintf(stderr, "errord: cannot listen on %s: %s\n", control.cfg.listen, uv_strerror(rc));
         if (control.workers != NULL) {
-            /* Workers already running drain at once; the others are closed. */
-            uv_async_init(control.loop, &control.worker_done, NULL);
-            tell_workers(CMD_ABORT);
+            /* Threaded workers already running stop at once; then every
+             * handle left on the main loop is closed. */
+            for (int i = 1; i < control.n_workers; i++) {
+                worker_t *w = &control.workers[i];
+                if (w->started) {
+                    atomic_store(&w->cmd, CMD_ABORT);
+                    uv_async_send(&w->wake);
+                }
+            }
             stop_workers();
-            uv_close((uv_handle_t *)&control.worker_done, NULL);
+            uv_walk(control.loop, on_close_walk, NULL);
             uv_run(control.loop, UV_RUN_DEFAULT);
+            free_workers();
         }
+        uv_loop_close(control.loop);
         free(control.policy_path);
         config_free(&control.cfg);
         return 1;
@@ -338,9 +358,12 @@ int main(int argc, char **argv)
     log_int(r, "pid", getpid());
     log_end(r);
 
+    log_set_buffered(1); /* the first worker's loop flushes the log */
     uv_run(control.loop, UV_RUN_DEFAULT);
+    log_set_buffered(0);
     stop_workers();
     uv_loop_close(control.loop);
+    free_workers();
     log_msgf(LOG_INFO, "errord stopped");
     free(control.policy_path);
     config_free(&control.cfg);

@@ -404,6 +404,14 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
         first_line(text, msg, msglen);
         if (trace != NULL && text != NULL)
             buf_puts(trace, text);
+        if (st == SANDBOX_MEMORY && strchr(msg, ':') == NULL) {
+            /* Lua raises "not enough memory" with no location: name the handler. */
+            lua_Debug ar;
+            lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+            if (lua_getinfo(L, ">S", &ar))
+                snprintf(msg, msglen, "%s:%d: not enough memory (in the handler defined here)",
+                         ar.short_src, ar.linedefined);
+        }
     }
     lua_api_end_views(L, top + 1, top + 2);
     lua_settop(L, top);
@@ -608,7 +616,9 @@ static int run_test(policy_t *p, lua_State *L, int t, char *why, size_t whylen)
     int ref = res != NULL ? p->handler[res->status] : p->error_ref;
     buf_clear(&p->ctx.test_alerts);
     p->ctx.test_logs = 0;
-    lua_api_reset_test_counts(L);
+    lua_getfield(L, t, "counts"); /* what errord.count() has seen before the test */
+    lua_api_reset_test_counts(L, -1);
+    lua_pop(L, 1);
     if (ref != LUA_NOREF) {
         char msg[400];
         buf_t trace = BUF_INIT;

@@ -184,9 +184,9 @@ static uint64_t next_random(proxy_t *p)
 
 static void put_content_length(buf_t *b, int64_t n)
 {
-    buf_puts(b, "Content-Length: ");
+    buf_lit(b, "Content-Length: ");
     buf_put_u64(b, (uint64_t)n);
-    buf_puts(b, "\r\n");
+    buf_lit(b, "\r\n");
 }
 
 /* Writes "<hex size>\r\n" for a chunk of `n` bytes; returns its length. */
@@ -211,9 +211,9 @@ static size_t chunk_size_line(char out[24], size_t n)
 static void write_error(client_t *c, txn_t *t, int status, const char *message, int keep)
 {
     buf_t body = BUF_INIT;
-    buf_puts(&body, "{\"message\":\"");
+    buf_lit(&body, "{\"message\":\"");
     buf_json_escape(&body, message, strlen(message));
-    buf_puts(&body, "\"}\n");
+    buf_lit(&body, "\"}\n");
 
     buf_t out = BUF_INIT;
     buf_printf(&out,
@@ -223,10 +223,10 @@ static void write_error(client_t *c, txn_t *t, int status, const char *message, 
     if (t != NULL)
         buf_printf(&out, "X-Request-Id: %s\r\n", t->id);
     if (!keep)
-        buf_puts(&out, "Connection: close\r\n");
+        buf_lit(&out, "Connection: close\r\n");
     else if (t != NULL && t->req->version == 10)
-        buf_puts(&out, "Connection: keep-alive\r\n");
-    buf_puts(&out, "\r\n");
+        buf_lit(&out, "Connection: keep-alive\r\n");
+    buf_lit(&out, "\r\n");
     if (t == NULL || t->req->method != HTTP_M_HEAD)
         buf_append(&out, body.data, body.len);
     io_append(&c->io, out.data, out.len);
@@ -258,42 +258,42 @@ static void log_access(txn_t *t)
     log_ms(r, "duration_ms", clock_now_ns() - t->t0);
 
     buf_t a = BUF_INIT;
-    buf_puts(&a, "[");
+    buf_lit(&a, "[");
     for (int i = 0; i < t->n_attempts; i++) {
         const attempt_t *at = &t->attempts[i];
         buf_puts(&a, i ? ",{\"attempt\":" : "{\"attempt\":");
         buf_put_u64(&a, (uint64_t)i + 1);
         if (at->status) {
-            buf_puts(&a, ",\"status\":");
+            buf_lit(&a, ",\"status\":");
             buf_put_u64(&a, (uint64_t)at->status);
         } else {
-            buf_puts(&a, ",\"error\":\"");
+            buf_lit(&a, ",\"error\":\"");
             buf_puts(&a, at->error ? at->error : "aborted");
-            buf_puts(&a, "\"");
+            buf_lit(&a, "\"");
         }
-        buf_puts(&a, ",\"duration_ms\":");
+        buf_lit(&a, ",\"duration_ms\":");
         buf_put_ms(&a, at->ns);
-        buf_puts(&a, ",\"verdict\":\"");
+        buf_lit(&a, ",\"verdict\":\"");
         buf_puts(&a, at->verdict);
-        buf_puts(&a, "\"");
+        buf_lit(&a, "\"");
         if (at->reason[0] != '\0') {
-            buf_puts(&a, ",\"reason\":\"");
+            buf_lit(&a, ",\"reason\":\"");
             buf_puts(&a, at->reason);
-            buf_puts(&a, "\"");
+            buf_lit(&a, "\"");
         }
         if (at->refused != NULL) {
-            buf_puts(&a, ",\"refused\":\"");
+            buf_lit(&a, ",\"refused\":\"");
             buf_puts(&a, at->refused);
-            buf_puts(&a, "\"");
+            buf_lit(&a, "\"");
         }
         if (at->failure != NULL) {
-            buf_puts(&a, ",\"policy_error\":\"");
+            buf_lit(&a, ",\"policy_error\":\"");
             buf_puts(&a, at->failure);
-            buf_puts(&a, "\"");
+            buf_lit(&a, "\"");
         }
-        buf_puts(&a, "}");
+        buf_lit(&a, "}");
     }
-    buf_puts(&a, "]");
+    buf_lit(&a, "]");
     log_raw(r, "attempts", a.data, a.len);
     buf_free(&a);
     if (t->error != NULL)
@@ -404,9 +404,9 @@ static void build_request_head(txn_t *t, proxy_t *p)
     buf_t *b = &t->head;
 
     buf_append(b, r->method_name, strlen(r->method_name));
-    buf_puts(b, " ");
+    buf_lit(b, " ");
     buf_append(b, r->target, r->target_len);
-    buf_puts(b, " HTTP/1.1\r\nHost: ");
+    buf_lit(b, " HTTP/1.1\r\nHost: ");
     if (cfg->preserve_host && r->authority != NULL) {
         buf_append(b, r->authority, r->authority_len);
     } else if (cfg->preserve_host && http_head_find(r, "host") != NULL) {
@@ -415,7 +415,7 @@ static void build_request_head(txn_t *t, proxy_t *p)
     } else {
         buf_puts(b, cfg->upstream_authority);
     }
-    buf_puts(b, "\r\n");
+    buf_lit(b, "\r\n");
 
     int xff = 0;
     for (size_t i = 0; i < r->n_headers; i++) {
@@ -429,26 +429,26 @@ static void build_request_head(txn_t *t, proxy_t *p)
         if (header_skipped_upstream(f))
             continue;
         buf_append(b, f->name, f->name_len);
-        buf_puts(b, ": ");
+        buf_lit(b, ": ");
         buf_append(b, f->value, f->value_len);
-        buf_puts(b, "\r\n");
+        buf_lit(b, "\r\n");
     }
     buf_puts(b, xff ? ", " : "X-Forwarded-For: ");
     buf_puts(b, t->client->addr);
-    buf_puts(b, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
+    buf_lit(b, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
     buf_puts(b, t->id);
-    buf_puts(b, "\r\nVia: 1.1 errord\r\n");
+    buf_lit(b, "\r\nVia: 1.1 errord\r\n");
     if (r->flags & HTTP_F_CHUNKED) {
-        buf_puts(b, "Transfer-Encoding: ");
+        buf_lit(b, "Transfer-Encoding: ");
         if (r->codings != NULL) {
             buf_append(b, r->codings, r->codings_len);
-            buf_puts(b, ", ");
+            buf_lit(b, ", ");
         }
-        buf_puts(b, "chunked\r\n");
+        buf_lit(b, "chunked\r\n");
     } else if (r->content_length >= 0) {
         put_content_length(b, r->content_length);
     }
-    buf_puts(b, "\r\n");
+    buf_lit(b, "\r\n");
 }
 
 /* Whether the request may be sent again without changing its effect: an
@@ -512,8 +512,9 @@ static int txn_up_ready(txn_t *t)
     u->io.on_error = on_up_write_error;
     http_parser_set_head_request(u->parser, t->req->method == HTTP_M_HEAD);
     io_append(&u->io, t->head.data, t->head.len);
-    up_timer(t, p->cfg->upstream_idle_timeout);
-    txn_pump(t);
+    txn_pump(t); /* a request that is all here starts the first-byte timer */
+    if (!t->end_sent)
+        up_timer(t, p->cfg->upstream_idle_timeout);
     if (txn_flush(t) < 0)
         return -1;
     txn_body_backpressure(t);
@@ -780,14 +781,14 @@ static void txn_commit(txn_t *t)
 
     t->committed = 1;
     t->status = res->status;
-    buf_puts(&b, "HTTP/1.1 ");
+    buf_lit(&b, "HTTP/1.1 ");
     buf_put_u64(&b, (uint64_t)res->status);
-    buf_puts(&b, " ");
+    buf_lit(&b, " ");
     if (res->reason_len > 0)
         buf_append(&b, res->reason, res->reason_len);
     else
         buf_puts(&b, http_reason(res->status));
-    buf_puts(&b, "\r\n");
+    buf_lit(&b, "\r\n");
     for (size_t i = 0; i < res->n_headers; i++) {
         const http_header_t *f = &res->headers[i];
         if (f->flags & HTTP_HDR_HOP)
@@ -797,18 +798,18 @@ static void txn_commit(txn_t *t)
         if (f->name_len == 4 && strncasecmp(f->name, "date", 4) == 0)
             has_date = 1;
         buf_append(&b, f->name, f->name_len);
-        buf_puts(&b, ": ");
+        buf_lit(&b, ": ");
         buf_append(&b, f->value, f->value_len);
-        buf_puts(&b, "\r\n");
+        buf_lit(&b, "\r\n");
     }
     if (!has_date) {
-        buf_puts(&b, "Date: ");
+        buf_lit(&b, "Date: ");
         buf_puts(&b, http_date(c->proxy));
-        buf_puts(&b, "\r\n");
+        buf_lit(&b, "\r\n");
     }
-    buf_puts(&b, "X-Request-Id: ");
+    buf_lit(&b, "X-Request-Id: ");
     buf_puts(&b, t->id);
-    buf_puts(&b, "\r\nVia: 1.1 errord\r\n");
+    buf_lit(&b, "\r\nVia: 1.1 errord\r\n");
 
     t->keep_alive = client_wants_more(t);
     if (res->flags & HTTP_F_NO_BODY) {
@@ -819,21 +820,21 @@ static void txn_commit(txn_t *t)
         put_content_length(&b, res->content_length);
     } else if (t->req->version == 11) {
         t->chunk_out = 1;
-        buf_puts(&b, "Transfer-Encoding: ");
+        buf_lit(&b, "Transfer-Encoding: ");
         if (res->codings != NULL) {
             buf_append(&b, res->codings, res->codings_len);
-            buf_puts(&b, ", ");
+            buf_lit(&b, ", ");
         }
-        buf_puts(&b, "chunked\r\n");
+        buf_lit(&b, "chunked\r\n");
     } else {
         t->close_out = 1; /* HTTP/1.0 has no chunked: the close ends the body */
         t->keep_alive = 0;
     }
     if (!t->keep_alive)
-        buf_puts(&b, "Connection: close\r\n");
+        buf_lit(&b, "Connection: close\r\n");
     else if (t->req->version == 10)
-        buf_puts(&b, "Connection: keep-alive\r\n");
-    buf_puts(&b, "\r\n");
+        buf_lit(&b, "Connection: keep-alive\r\n");
+    buf_lit(&b, "\r\n");
     io_append(&c->io, b.data, b.len);
     buf_free(&b);
 }
@@ -884,24 +885,24 @@ static int txn_respond(txn_t *t, const verdict_t *v)
     t->committed = 1;
     t->status = v->status;
     t->keep_alive = client_wants_more(t);
-    buf_puts(&b, "HTTP/1.1 ");
+    buf_lit(&b, "HTTP/1.1 ");
     buf_put_u64(&b, (uint64_t)v->status);
-    buf_puts(&b, " ");
+    buf_lit(&b, " ");
     buf_puts(&b, http_reason(v->status));
-    buf_puts(&b, "\r\n");
+    buf_lit(&b, "\r\n");
     buf_append(&b, v->headers.data, v->headers.len);
     if (!no_body)
         put_content_length(&b, (int64_t)v->body.len);
-    buf_puts(&b, "Date: ");
+    buf_lit(&b, "Date: ");
     buf_puts(&b, http_date(c->proxy));
-    buf_puts(&b, "\r\nX-Request-Id: ");
+    buf_lit(&b, "\r\nX-Request-Id: ");
     buf_puts(&b, t->id);
-    buf_puts(&b, "\r\n");
+    buf_lit(&b, "\r\n");
     if (!t->keep_alive)
-        buf_puts(&b, "Connection: close\r\n");
+        buf_lit(&b, "Connection: close\r\n");
     else if (t->req->version == 10)
-        buf_puts(&b, "Connection: keep-alive\r\n");
-    buf_puts(&b, "\r\n");
+        buf_lit(&b, "Connection: keep-alive\r\n");
+    buf_lit(&b, "\r\n");
     if (!no_body && t->req->method != HTTP_M_HEAD) {
         buf_append(&b, v->body.data, v->body.len);
         t->bytes_out = v->body.len;
@@ -981,8 +982,7 @@ static int on_res_head(void *ud, http_head_t *head)
         t->holding = 1; /* its handler decides once the body is in (or too big) */
     else
         txn_commit(t);
-    up_timer(t, t->client->proxy->cfg->upstream_idle_timeout);
-    return 0;
+    return 0; /* the idle timer is set after this read, if the body goes on */
 }
 
 static int on_res_body(void *ud, const char *at, size_t n)
@@ -1260,8 +1260,6 @@ static void client_feed(client_t *c, const char *data, size_t n)
             client_read_on(c, 0);
         return;
     }
-    if (c->txn == NULL && http_parser_idle(c->parser))
-        client_timer(c, CT_HEADER);
     ssize_t used = http_parser_feed(c->parser, data, n);
     txn_t *t = c->txn;
     if (used < 0) {
@@ -1276,8 +1274,12 @@ static void client_feed(client_t *c, const char *data, size_t n)
     }
     if ((size_t)used < n)
         buf_append(&c->in, data + used, n - (size_t)used);
-    if (t == NULL)
+    if (t == NULL) {
+        /* a head still incomplete: it has from its first byte on */
+        if (c->timer_mode != CT_HEADER)
+            client_timer(c, CT_HEADER);
         return;
+    }
     client_timer(c, t->req_done ? CT_NONE : CT_BODY);
     if (!t->started) {
         t->started = 1;

@@ -12,6 +12,9 @@
 
 /* The count hook runs every this many VM instructions. */
 #define HOOK_EVERY 1000
+/* Past the memory cap, a call is stopped at its next instruction, with a
+ * traceback; only past this much more does an allocation fail outright. */
+#define MEMORY_SLACK (1024 * 1024)
 
 struct sandbox_s {
     lua_State *L;
@@ -20,8 +23,12 @@ struct sandbox_s {
     uint64_t budget; /* instructions left in this call */
     uint64_t deadline_ns;
     sandbox_status_t tripped;
+    const char *why; /* the limit that stopped the call */
+    int in_call;
     void *ctx;
 };
+
+static void on_hook(lua_State *L, lua_Debug *ar);
 
 /* The allocator: every byte of the state goes through here, so the cap
  * holds whatever the script does. When `ptr` is NULL, `osize` is a type
@@ -35,8 +42,17 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         s->used -= old;
         return NULL;
     }
-    if (nsize > old && s->used + (nsize - old) > s->limits.memory)
-        return NULL;
+    if (nsize > old && s->used + (nsize - old) > s->limits.memory) {
+        if (!s->in_call || s->used + (nsize - old) > s->limits.memory + MEMORY_SLACK)
+            return NULL;
+        if (s->tripped == SANDBOX_OK) {
+            /* Stop the handler at its next instruction, as a plain error
+             * that gets a location and a traceback. */
+            s->tripped = SANDBOX_MEMORY;
+            s->why = "memory limit reached";
+            lua_sethook(s->L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+        }
+    }
     void *p = realloc(ptr, nsize);
     if (p != NULL)
         s->used = s->used - old + nsize;
@@ -65,19 +81,24 @@ static void on_hook(lua_State *L, lua_Debug *ar)
     (void)ar;
     sandbox_t *s = sandbox_of(L);
     if (s->tripped == SANDBOX_OK) {
-        if (s->budget <= HOOK_EVERY)
+        if (s->budget <= HOOK_EVERY) {
             s->tripped = SANDBOX_TIMEOUT;
-        else
+            s->why = "instruction limit reached";
+        } else {
             s->budget -= HOOK_EVERY;
-        if (clock_now_ns() > s->deadline_ns)
+        }
+        if (s->tripped == SANDBOX_OK && clock_now_ns() > s->deadline_ns) {
             s->tripped = SANDBOX_TIMEOUT;
+            s->why = "time limit reached";
+        }
         if (s->tripped == SANDBOX_OK)
             return;
         lua_sethook(L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
     }
-    luaL_error(L, "policy handler stopped: %s", s->budget <= HOOK_EVERY
-                                                    ? "instruction limit reached"
-                                                    : "time limit reached");
+    luaL_where(L, 0); /* level 0 in a hook: the Lua function it stopped */
+    lua_pushfstring(L, "policy handler stopped: %s", s->why);
+    lua_concat(L, 2);
+    lua_error(L);
 }
 
 static int msg_handler(lua_State *L)
@@ -101,9 +122,17 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
     s->tripped = SANDBOX_OK;
     s->budget = s->limits.instructions;
     s->deadline_ns = clock_now_ns() + s->limits.time_ms * 1000000u;
+    s->in_call = 1;
     lua_sethook(L, on_hook, LUA_MASKCOUNT, HOOK_EVERY);
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_sethook(L, NULL, 0, 0);
+    s->in_call = 0;
+    if (rc == LUA_OK && s->tripped != SANDBOX_OK) {
+        /* Tripped by an allocation in the last instructions of the call. */
+        lua_pop(L, nresults < 0 ? 0 : nresults);
+        lua_pushfstring(L, "policy handler stopped: %s", s->why);
+        rc = LUA_ERRRUN;
+    }
     lua_remove(L, base); /* the handler */
     if (rc == LUA_OK)
         return SANDBOX_OK;
