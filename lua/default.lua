@@ -9,8 +9,8 @@
 --   500 504    "try again later": retried with backoff
 --   502        down or being upgraded: retried with a longer backoff, and an
 --              alert once it keeps happening
---              (an endpoint whose retries failed more than 5 times in 10 s is
---              not retried: that would only add load to a struggling service)
+--   (retries are for blips, not outages: an endpoint whose retries keep
+--    failing is not retried for a while; see may_retry below)
 --   no answer  connection refused, timeout, reset: retried (errord itself
 --              never repeats a POST or PATCH without an Idempotency-Key)
 --
@@ -29,15 +29,19 @@ local function message(res)
   return type(m) == "string" and m or ""
 end
 
--- Retries that keep failing are stopped: past 5 failed retries of an
--- endpoint in 10 s, retrying it only multiplies the load on a service that
--- is struggling and makes the application wait for an answer that will not
--- change. (A retry that succeeds never counts, so an endpoint that fails
--- now and then keeps being retried.)
-local function retries_futile(req)
-  local key = "failed retries " .. req.method .. " " .. req.path:match("^[^?]*")
+-- Retries are for blips, not outages. Past 5 failed retries of an endpoint
+-- in 10 s, retrying it only multiplies the load on a struggling service and
+-- makes the application wait for an answer that will not change; a retry
+-- that succeeds never counts, so an endpoint that fails now and then keeps
+-- its retries. And one endpoint gets at most 10 retries a second, so a burst
+-- of failures does not turn into a burst of retries.
+local function may_retry(req)
+  local route = req.method .. " " .. req.path:match("^[^?]*")
   -- this response is itself a failed retry when it answers attempt 2 or later
-  return errord.count(key, 10, req.attempt > 1 and 1 or 0) > 5
+  if errord.count("failed retries " .. route, 10, req.attempt > 1 and 1 or 0) > 5 then
+    return false
+  end
+  return errord.count("retries " .. route, 1) <= 10
 end
 
 local function client_error(req, res)
@@ -56,7 +60,7 @@ end
 
 p[403] = function(req, res)
   if message(res):lower():find("limit", 1, true) then
-    if retries_futile(req) then return pass() end
+    if not may_retry(req) then return pass() end
     -- Retry-After, when the upstream gives one, beats our own backoff.
     return retry { after = res.retry_after_ms, reason = "request_limit" }
   end
@@ -65,7 +69,7 @@ p[403] = function(req, res)
 end
 
 local function try_again(req, res)
-  if retries_futile(req) then return pass() end
+  if not may_retry(req) then return pass() end
   return retry { reason = "server_error" }
 end
 
@@ -77,7 +81,7 @@ p[502] = function(req, res)
     alert { name = "UpstreamDown", severity = "critical",
             summary = "over 10 responses 502 from the upstream in the last minute" }
   end
-  if retries_futile(req) then return pass() end
+  if not may_retry(req) then return pass() end
   return retry { after = errord.backoff(req.attempt + 2), reason = "upstream_down" }
 end
 
@@ -123,6 +127,10 @@ p.tests = {
     req = { method = "GET", path = "/v1/items" },
     counts = { ["failed retries GET /v1/items"] = 3 },
     res = { status = 500 }, expect = { verdict = "retry" } },
+  { name = "at most 10 retries of an endpoint a second",
+    req = { method = "GET", path = "/v1/items" },
+    counts = { ["retries GET /v1/items"] = 10 },
+    res = { status = 504 }, expect = { verdict = "pass" } },
   { name = "502 past 10 a minute alerts",
     counts = { upstream_502 = 10 },
     res = { status = 502 }, expect = { verdict = "retry", alert = "UpstreamDown" } },
