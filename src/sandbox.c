@@ -105,7 +105,8 @@ static int msg_handler(lua_State *L)
 {
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
-        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+        if (sandbox_of(L)->tripped == SANDBOX_OK && luaL_callmeta(L, 1, "__tostring") &&
+            lua_type(L, -1) == LUA_TSTRING)
             return 1;
         msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     }
@@ -167,6 +168,35 @@ static int safe_load(lua_State *L)
     return lua_gettop(L);
 }
 
+/* A script's own message handler, for xpcall. Once a limit stopped the call
+ * it is not run at all: an error raised from the hook reaches handlers with
+ * hooks off (Lua runs no hook inside a hook), so a handler that loops could
+ * never be stopped. */
+static int guarded_msgh(lua_State *L)
+{
+    if (sandbox_of(L)->tripped != SANDBOX_OK)
+        return 1; /* the stop goes through as it is */
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
+/* xpcall(f, msgh, ...) with msgh guarded as above; the original xpcall is
+ * this closure's upvalue. */
+static int safe_xpcall(lua_State *L)
+{
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    lua_pushcclosure(L, guarded_msgh, 1);
+    lua_replace(L, 2);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, n, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
 /* print() writes a log record instead of to stdout. */
 static int safe_print(lua_State *L)
 {
@@ -219,6 +249,9 @@ static void open_safe_libraries(lua_State *L)
     lua_getglobal(L, "load");
     lua_pushcclosure(L, safe_load, 1); /* pops the original load */
     lua_setglobal(L, "load");
+    lua_getglobal(L, "xpcall");
+    lua_pushcclosure(L, safe_xpcall, 1);
+    lua_setglobal(L, "xpcall");
     lua_pushcfunction(L, safe_print);
     lua_setglobal(L, "print");
 }
