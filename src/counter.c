@@ -1,7 +1,8 @@
 /* counter: sliding-window event counts (see counter.h).
  *
- * Each key has a ring of per-second buckets; a count sums the buckets of the
- * window. Keys live in an open-addressing hash table behind one mutex: the
+ * Each key has a ring of per-second buckets for the last minute and one of
+ * per-minute buckets for the last hour; a count sums the buckets of the
+ * window (1 s resolution up to 60 s, whole minutes beyond). Keys live in an open-addressing hash table behind one mutex: the
  * policy calls this a few times per non-2xx response, far from a hot lock. */
 #include "counter.h"
 
@@ -9,12 +10,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Seconds are kept for a minute, minutes for an hour. */
+#define SECONDS 64
+#define MINUTES 64
+
 typedef struct {
     char *key;
     size_t len;
-    uint32_t *buckets; /* ring of `cap` seconds */
-    int cap;
-    int64_t last_sec; /* the second the newest bucket holds */
+    uint32_t sec[SECONDS]; /* ring: events in each second */
+    uint32_t min[MINUTES]; /* ring: events in each minute */
+    int64_t last_sec;      /* the newest second the rings hold */
 } entry_t;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -79,43 +84,36 @@ static entry_t *find(const char *key, size_t len, int create)
     return e;
 }
 
-/* Makes the ring cover `seconds` and clears the buckets that fell out of it. */
-static int advance(entry_t *e, int seconds, int64_t now_sec)
+/* Moves the rings forward to `now_sec`, clearing what fell out of them. */
+static void advance(entry_t *e, int64_t now_sec)
 {
-    if (e->cap < seconds) {
-        int cap = e->cap ? e->cap : 8;
-        while (cap < seconds)
-            cap *= 2;
-        uint32_t *b = calloc((size_t)cap, sizeof *b);
-        if (b == NULL)
-            return -1;
-        /* keep what the old ring held, at its seconds' new places */
-        for (int k = 0; k < e->cap; k++) {
-            int64_t sec = e->last_sec - k;
-            b[sec % cap] = e->buckets[sec % e->cap];
-        }
-        free(e->buckets);
-        e->buckets = b;
-        e->cap = cap;
-    }
-    if (now_sec > e->last_sec) {
-        int64_t gap = now_sec - e->last_sec;
-        for (int64_t k = 1; k <= gap && k <= e->cap; k++)
-            e->buckets[(e->last_sec + k) % e->cap] = 0;
-        e->last_sec = now_sec;
-    }
-    return 0;
+    if (now_sec <= e->last_sec)
+        return;
+    for (int64_t t = e->last_sec + 1; t <= now_sec && t <= e->last_sec + SECONDS; t++)
+        e->sec[t % SECONDS] = 0;
+    int64_t last_min = e->last_sec / 60, now_min = now_sec / 60;
+    for (int64_t m = last_min + 1; m <= now_min && m <= last_min + MINUTES; m++)
+        e->min[m % MINUTES] = 0;
+    e->last_sec = now_sec;
 }
 
+/* Events in the last `seconds` up to `now_sec`: second by second up to a
+ * minute, whole minutes beyond. */
 static int64_t sum(const entry_t *e, int seconds, int64_t now_sec)
 {
     int64_t total = 0;
-    for (int k = 0; k < seconds && k < e->cap; k++) {
-        int64_t sec = now_sec - k;
-        if (sec > e->last_sec || sec < 0)
-            continue;
-        total += e->buckets[sec % e->cap];
+    if (now_sec > e->last_sec + 3600 || now_sec < 0)
+        return 0;
+    if (seconds <= 60) {
+        for (int64_t t = now_sec - seconds + 1; t <= now_sec; t++)
+            if (t <= e->last_sec && t > e->last_sec - SECONDS && t >= 0)
+                total += e->sec[t % SECONDS];
+        return total;
     }
+    int64_t last_min = e->last_sec / 60;
+    for (int64_t m = (now_sec - seconds + 1) / 60; m <= now_sec / 60; m++)
+        if (m <= last_min && m > last_min - MINUTES && m >= 0)
+            total += e->min[m % MINUTES];
     return total;
 }
 
@@ -130,8 +128,12 @@ int64_t counter_hit(const char *key, size_t len, int seconds, int64_t now_ms)
     seconds = clamp(seconds);
     pthread_mutex_lock(&lock);
     entry_t *e = find(key, len, 1);
-    if (e != NULL && advance(e, seconds, now_sec) == 0) {
-        e->buckets[now_sec % e->cap]++;
+    if (e != NULL) {
+        advance(e, now_sec);
+        if (now_sec == e->last_sec) { /* a clock that went back counts nothing */
+            e->sec[now_sec % SECONDS]++;
+            e->min[(now_sec / 60) % MINUTES]++;
+        }
         n = sum(e, seconds, now_sec);
     }
     pthread_mutex_unlock(&lock);
@@ -144,7 +146,7 @@ int64_t counter_peek(const char *key, size_t len, int seconds, int64_t now_ms)
     seconds = clamp(seconds);
     pthread_mutex_lock(&lock);
     entry_t *e = find(key, len, 0);
-    if (e != NULL && now_sec >= e->last_sec)
+    if (e != NULL)
         n = sum(e, seconds, now_sec);
     pthread_mutex_unlock(&lock);
     return n;
@@ -153,10 +155,8 @@ int64_t counter_peek(const char *key, size_t len, int seconds, int64_t now_ms)
 void counter_reset(void)
 {
     pthread_mutex_lock(&lock);
-    for (size_t i = 0; i < table_cap; i++) {
+    for (size_t i = 0; i < table_cap; i++)
         free(table[i].key);
-        free(table[i].buckets);
-    }
     free(table);
     table = NULL;
     table_cap = n_keys = 0;

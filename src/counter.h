@@ -12,8 +12,9 @@
 #define COUNTER_MAX_KEYS 10000
 
 /* Adds one event for `key` at `now_ms` (wall clock) and returns the events of
- * the last `seconds` seconds, this one included (1 s resolution; `seconds`
- * is clamped to 1..COUNTER_MAX_WINDOW). Thread-safe. */
+ * the last `seconds` seconds, this one included: second by second for windows
+ * up to 60 s, whole minutes for longer ones (`seconds` is clamped to
+ * 1..COUNTER_MAX_WINDOW). Thread-safe. */
 int64_t counter_hit(const char *key, size_t len, int seconds, int64_t now_ms);
 
 /* Reads the count without adding an event. */

@@ -17,7 +17,7 @@
 #include <strings.h>
 
 /* Registry keys: the addresses of these are unique light userdata. */
-static const char VERDICT_MT = 0, REQ_MT = 0, RES_MT = 0, VIEW_INPUT = 0, TEST_COUNTS = 0;
+static const char VERDICT_MT = 0, REQ_MT = 0, RES_MT = 0, TEST_COUNTS = 0;
 
 #define JSON_MAX_DEPTH 64
 
@@ -74,9 +74,43 @@ static void push_json(lua_State *L, const cJSON *j, int depth)
     }
 }
 
+static int push_json_step(lua_State *L)
+{
+    push_json(L, lua_touserdata(L, 1), 0);
+    return 1;
+}
+
+/* Parses `n` bytes of JSON (nothing but whitespace may follow the value)
+ * and pushes the Lua value, or nil when it is not JSON. The parsed tree is
+ * freed whatever happens: converting runs in a protected call. */
+static void push_decoded(lua_State *L, const char *s, size_t n)
+{
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts(s, n, &end, 0);
+    if (j != NULL) {
+        while (end < s + n && (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n'))
+            end++;
+        if (end != s + n) {
+            cJSON_Delete(j);
+            j = NULL;
+        }
+    }
+    if (j == NULL) {
+        lua_pushnil(L);
+        return;
+    }
+    lua_pushcfunction(L, push_json_step);
+    lua_pushlightuserdata(L, j);
+    int rc = lua_pcall(L, 1, 1, 0);
+    cJSON_Delete(j);
+    if (rc != LUA_OK)
+        lua_error(L); /* rethrown, the tree freed */
+}
+
 /* Whether the table at `idx` is a sequence 1..n with nothing else (n > 0). */
 static lua_Integer sequence_length(lua_State *L, int idx)
 {
+    idx = lua_absindex(L, idx);
     lua_Integer n = (lua_Integer)lua_rawlen(L, idx), count = 0;
     if (n == 0)
         return 0;
@@ -92,12 +126,10 @@ static lua_Integer sequence_length(lua_State *L, int idx)
     return count == n ? n : 0;
 }
 
-/* Encodes the value at `idx`; raises a Lua error for what JSON cannot hold. */
-static cJSON *to_json(lua_State *L, int idx, int depth)
+/* A JSON node for the value at `idx`: a scalar, or an empty array/object
+ * that json_fill() fills. Raises for what JSON cannot hold. */
+static cJSON *json_node(lua_State *L, int idx)
 {
-    idx = lua_absindex(L, idx);
-    if (depth > JSON_MAX_DEPTH)
-        luaL_error(L, "cannot encode as JSON: nested too deeply (or a cycle)");
     switch (lua_type(L, idx)) {
     case LUA_TNIL: return cJSON_CreateNull();
     case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
@@ -106,51 +138,90 @@ static cJSON *to_json(lua_State *L, int idx, int depth)
         return isfinite(d) ? cJSON_CreateNumber(d) : cJSON_CreateNull();
     }
     case LUA_TSTRING: return cJSON_CreateString(lua_tostring(L, idx));
-    case LUA_TTABLE: break;
-    default:
-        luaL_error(L, "cannot encode a %s as JSON", luaL_typename(L, idx));
-        return NULL;
+    case LUA_TTABLE: return sequence_length(L, idx) > 0 ? cJSON_CreateArray() : cJSON_CreateObject();
+    default: luaL_error(L, "cannot encode a %s as JSON", luaL_typename(L, idx));
     }
+    return NULL;
+}
+
+/* Fills the container `node` (already part of the tree, so nothing leaks if
+ * this raises) from the table at `idx`. Tables are read raw: a policy's
+ * metamethods do not run here. */
+static void json_fill(lua_State *L, int idx, cJSON *node, int depth)
+{
+    idx = lua_absindex(L, idx);
+    if (depth > JSON_MAX_DEPTH)
+        luaL_error(L, "cannot encode as JSON: nested too deeply (or a cycle)");
     luaL_checkstack(L, 4, "JSON nested too deeply");
-    lua_Integer n = sequence_length(L, idx);
-    cJSON *out = n > 0 ? cJSON_CreateArray() : cJSON_CreateObject();
-    if (out == NULL)
-        luaL_error(L, "out of memory");
-    if (n > 0) {
+    if (cJSON_IsArray(node)) {
+        lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
         for (lua_Integer i = 1; i <= n; i++) {
             lua_rawgeti(L, idx, i);
-            cJSON *item = to_json(L, -1, depth + 1);
+            cJSON *item = json_node(L, -1);
+            if (item == NULL)
+                luaL_error(L, "out of memory");
+            cJSON_AddItemToArray(node, item);
+            if (lua_istable(L, -1))
+                json_fill(L, -1, item, depth + 1);
             lua_pop(L, 1);
-            cJSON_AddItemToArray(out, item);
         }
-        return out;
+        return;
     }
     lua_pushnil(L);
     while (lua_next(L, idx) != 0) {
-        /* keys become strings; the copy keeps lua_next's key untouched */
-        lua_pushvalue(L, -2);
+        int kt = lua_type(L, -2);
+        if (kt != LUA_TSTRING && kt != LUA_TNUMBER)
+            luaL_error(L, "cannot encode a %s key as JSON", lua_typename(L, kt));
+        lua_pushvalue(L, -2); /* a copy: lua_next's own key must stay untouched */
         const char *k = lua_tostring(L, -1);
-        if (k == NULL) {
-            cJSON_Delete(out);
-            luaL_error(L, "cannot encode a %s key as JSON", luaL_typename(L, -3));
-        }
-        cJSON *item = to_json(L, -2, depth + 1);
-        cJSON_AddItemToObject(out, k, item);
+        cJSON *item = json_node(L, -2);
+        if (item == NULL)
+            luaL_error(L, "out of memory");
+        cJSON_AddItemToObject(node, k, item);
+        if (lua_istable(L, -2))
+            json_fill(L, -2, item, depth + 1);
         lua_pop(L, 2);
     }
-    return out;
 }
 
-/* Pushes the JSON text of the value at `idx`; raises on failure. */
+struct json_build {
+    cJSON *root;
+};
+
+static int json_build_step(lua_State *L)
+{
+    struct json_build *b = lua_touserdata(L, 1);
+    b->root = json_node(L, 2);
+    if (b->root == NULL)
+        luaL_error(L, "out of memory");
+    if (lua_istable(L, 2))
+        json_fill(L, 2, b->root, 1);
+    return 0;
+}
+
+/* Pushes the JSON text of the value at `idx`; raises what JSON cannot hold
+ * (nothing built so far leaks: building runs in a protected call). */
 static void push_json_text(lua_State *L, int idx)
 {
-    cJSON *j = to_json(L, idx, 0);
-    char *text = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
+    struct json_build b = {NULL};
+    idx = lua_absindex(L, idx);
+    lua_pushcfunction(L, json_build_step);
+    lua_pushlightuserdata(L, &b);
+    lua_pushvalue(L, idx);
+    int rc = lua_pcall(L, 2, 0, 0);
+    char *text = rc == LUA_OK ? cJSON_PrintUnformatted(b.root) : NULL;
+    cJSON_Delete(b.root);
+    if (rc != LUA_OK)
+        lua_error(L);
     if (text == NULL)
         luaL_error(L, "out of memory");
     lua_pushstring(L, text);
     cJSON_free(text);
+}
+
+void lua_api_encode_json(lua_State *L, int idx)
+{
+    push_json_text(L, idx);
 }
 
 static int l_json_encode(lua_State *L)
@@ -164,15 +235,11 @@ static int l_json_decode(lua_State *L)
 {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
-    cJSON *j = cJSON_ParseWithLength(s, n);
-    if (j == NULL) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "invalid JSON");
-        return 2;
-    }
-    push_json(L, j, 0);
-    cJSON_Delete(j);
-    return 1;
+    push_decoded(L, s, n);
+    if (!lua_isnil(L, -1))
+        return 1;
+    lua_pushliteral(L, "invalid JSON");
+    return 2;
 }
 
 /* ---- errord.* helpers -------------------------------------------------------------- */
@@ -233,13 +300,44 @@ static int l_now_ms(lua_State *L)
 
 /* ---- verdicts ------------------------------------------------------------------------ */
 
-static void new_verdict(lua_State *L, const char *kind)
+/* A verdict is an immutable userdata: what retry{} and respond{} checked is
+ * what errord reads, whatever the script does with its tables afterwards.
+ * User values: 1, the header lines of respond{}; 2, its body. */
+typedef struct {
+    verdict_kind_t kind;
+    int64_t after_ms;
+    char reason[VERDICT_REASON_MAX + 1];
+    int unsafe;
+    int status;
+    int has_content_type;
+} lverdict_t;
+
+static lverdict_t *new_verdict(lua_State *L, verdict_kind_t kind)
 {
-    lua_createtable(L, 0, 4);
-    lua_pushstring(L, kind);
-    lua_setfield(L, -2, "verdict");
+    lverdict_t *v = lua_newuserdatauv(L, sizeof *v, 2);
+    memset(v, 0, sizeof *v);
+    v->kind = kind;
+    v->after_ms = -1;
     lua_rawgetp(L, LUA_REGISTRYINDEX, &VERDICT_MT);
     lua_setmetatable(L, -2);
+    return v;
+}
+
+static const char *verdict_kind_name(verdict_kind_t k)
+{
+    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
+}
+
+/* verdict.verdict is "pass", "retry" or "respond"; nothing else reads. */
+static int verdict_index(lua_State *L)
+{
+    const lverdict_t *v = lua_touserdata(L, 1);
+    const char *k = lua_tostring(L, 2);
+    if (k != NULL && strcmp(k, "verdict") == 0) {
+        lua_pushstring(L, verdict_kind_name(v->kind));
+        return 1;
+    }
+    return 0;
 }
 
 /* Raises an error for any key of the table at 1 not in `allowed`. */
@@ -252,41 +350,61 @@ static void check_keys(lua_State *L, const char *fn, const char *const *allowed)
         int ok = 0;
         for (const char *const *a = allowed; k != NULL && *a != NULL && !ok; a++)
             ok = strcmp(k, *a) == 0;
-        if (!ok) {
-            luaL_error(L, "%s{}: unknown field '%s'", fn,
-                       k ? k : luaL_tolstring(L, -1, NULL));
-        }
+        if (!ok && k != NULL)
+            luaL_error(L, "%s{}: unknown field '%s'", fn, k);
+        if (!ok)
+            luaL_error(L, "%s{}: unknown %s key", fn, luaL_typename(L, -1));
     }
 }
 
 static int l_pass(lua_State *L)
 {
-    new_verdict(L, "pass");
+    new_verdict(L, VERDICT_PASS);
     return 1;
 }
+
+static void copy_reason(const char *s, size_t n, char out[VERDICT_REASON_MAX + 1])
+{
+    /* Reasons become metric labels: lower-case words, bounded in length. */
+    size_t i;
+    for (i = 0; i < n && i < VERDICT_REASON_MAX; i++) {
+        char c = (char)tolower((unsigned char)s[i]);
+        out[i] = (isalnum((unsigned char)c) || c == '_') ? c : '_';
+    }
+    out[i] = '\0';
+}
+
+/* The longest delay retry{} accepts: an hour. */
+#define MAX_AFTER_MS 3600000
 
 static int l_retry(lua_State *L)
 {
     static const char *const fields[] = {"after", "reason", "unsafe", NULL};
-    if (lua_isnoneornil(L, 1))
+    if (lua_isnoneornil(L, 1)) {
+        lua_settop(L, 0);
         lua_newtable(L);
+    }
     luaL_checktype(L, 1, LUA_TTABLE);
     check_keys(L, "retry", fields);
-    new_verdict(L, "retry");
     lua_getfield(L, 1, "after");
-    if (!lua_isnil(L, -1)) {
-        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
-            luaL_error(L, "retry{}: after must be a number of milliseconds, 0 or more");
-        lua_setfield(L, -2, "after");
-    } else {
-        lua_pop(L, 1);
-    }
     lua_getfield(L, 1, "reason");
-    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
-        luaL_error(L, "retry{}: reason must be a string");
-    lua_setfield(L, -2, "reason");
     lua_getfield(L, 1, "unsafe");
-    lua_setfield(L, -2, "unsafe");
+    lverdict_t *v = new_verdict(L, VERDICT_RETRY);
+    if (!lua_isnil(L, 2)) {
+        double after = lua_tonumber(L, 2);
+        if (!lua_isnumber(L, 2) || !(after >= 0 && after <= MAX_AFTER_MS))
+            luaL_error(L, "retry{}: after must be a number of milliseconds from 0 to %d",
+                       MAX_AFTER_MS);
+        v->after_ms = (int64_t)after;
+    }
+    if (!lua_isnil(L, 3)) {
+        size_t n;
+        if (lua_type(L, 3) != LUA_TSTRING)
+            luaL_error(L, "retry{}: reason must be a string");
+        const char *r = lua_tolstring(L, 3, &n);
+        copy_reason(r, n, v->reason);
+    }
+    v->unsafe = lua_toboolean(L, 4);
     return 1;
 }
 
@@ -318,34 +436,37 @@ static int l_respond(lua_State *L)
                                            "keep-alive", "upgrade", "te", "trailer",
                                            "proxy-connection", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
     check_keys(L, "respond", fields);
-    new_verdict(L, "respond");
-    lua_getfield(L, 1, "status");
-    if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 200 || lua_tointeger(L, -1) > 599)
+    lua_getfield(L, 1, "status");  /* 2 */
+    lua_getfield(L, 1, "json");    /* 3 */
+    lua_getfield(L, 1, "body");    /* 4 */
+    lua_getfield(L, 1, "headers"); /* 5 */
+    if (!lua_isinteger(L, 2) || lua_tointeger(L, 2) < 200 || lua_tointeger(L, 2) > 599)
         luaL_error(L, "respond{}: status must be an integer from 200 to 599");
-    lua_setfield(L, -2, "status");
-    lua_getfield(L, 1, "json");
-    lua_getfield(L, 1, "body");
-    if (!lua_isnil(L, -1) && !lua_isnil(L, -2))
+    if (!lua_isnil(L, 3) && !lua_isnil(L, 4))
         luaL_error(L, "respond{}: give json or body, not both");
-    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+    if (!lua_isnil(L, 4) && lua_type(L, 4) != LUA_TSTRING)
         luaL_error(L, "respond{}: body must be a string");
-    if (!lua_isnil(L, -2)) {
-        push_json_text(L, -2); /* encoded now, so mistakes point at respond{} */
-        lua_setfield(L, -4, "json");
-    }
-    lua_setfield(L, -3, "body");
-    lua_pop(L, 1); /* json */
-    lua_getfield(L, 1, "headers");
-    if (!lua_isnil(L, -1)) {
-        luaL_argexpected(L, lua_istable(L, -1), 1, "headers as a table");
+    if (!lua_isnil(L, 3))
+        push_json_text(L, 3); /* 6: encoded now, so mistakes point at respond{} */
+    else
+        lua_pushvalue(L, 4); /* 6: the body, or nil */
+
+    /* The header lines, checked and copied now, gathered in slot 7. */
+    int has_ct = 0;
+    lua_pushliteral(L, ""); /* 7 */
+    if (!lua_isnil(L, 5)) {
+        if (!lua_istable(L, 5))
+            luaL_error(L, "respond{}: headers must be a table");
         lua_pushnil(L);
-        while (lua_next(L, -2) != 0) {
+        while (lua_next(L, 5) != 0) {
             size_t kn, vn;
-            if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1))
-                luaL_error(L, "respond{}: headers maps names to strings");
+            if (lua_type(L, -2) != LUA_TSTRING ||
+                (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
+                luaL_error(L, "respond{}: headers map names to strings");
             const char *k = lua_tolstring(L, -2, &kn);
-            const char *v = lua_tolstring(L, -1, &vn);
+            const char *v = lua_tolstring(L, -1, &vn); /* the value slot may become a string */
             if (!valid_token(k, kn))
                 luaL_error(L, "respond{}: '%s' is not a valid header name", k);
             if (!valid_field_value(v, vn))
@@ -353,22 +474,34 @@ static int l_respond(lua_State *L)
             for (const char *const *r = reserved; *r != NULL; r++)
                 if (strcasecmp(k, *r) == 0)
                     luaL_error(L, "respond{}: errord sets '%s' itself", k);
-            lua_pop(L, 1);
+            if (strcasecmp(k, "content-type") == 0)
+                has_ct = 1;
+            lua_pushvalue(L, 7);
+            lua_pushlstring(L, k, kn);
+            lua_pushliteral(L, ": ");
+            lua_pushlstring(L, v, vn);
+            lua_pushliteral(L, "\r\n");
+            lua_concat(L, 5);
+            lua_replace(L, 7);
+            lua_pop(L, 1); /* the value; the key stays for lua_next */
         }
     }
-    lua_setfield(L, -2, "headers");
-    return 1;
-}
-
-static void copy_reason(const char *s, size_t n, char out[VERDICT_REASON_MAX + 1])
-{
-    /* Reasons become metric labels: lower-case words, bounded in length. */
-    size_t i;
-    for (i = 0; i < n && i < VERDICT_REASON_MAX; i++) {
-        char c = (char)tolower((unsigned char)s[i]);
-        out[i] = (isalnum((unsigned char)c) || c == '_') ? c : '_';
+    if (!lua_isnil(L, 3) && !has_ct) {
+        lua_pushvalue(L, 7);
+        lua_pushliteral(L, "Content-Type: application/json\r\n");
+        lua_concat(L, 2);
+        lua_replace(L, 7);
+        has_ct = 1;
     }
-    out[i] = '\0';
+    lua_pushvalue(L, 7); /* the header lines */
+    lverdict_t *v = new_verdict(L, VERDICT_RESPOND);
+    v->status = (int)lua_tointeger(L, 2);
+    v->has_content_type = has_ct;
+    lua_insert(L, -2);
+    lua_setiuservalue(L, -2, 1); /* pops the header lines */
+    lua_pushvalue(L, 6);
+    lua_setiuservalue(L, -2, 2); /* the body */
+    return 1;
 }
 
 int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen)
@@ -378,67 +511,34 @@ int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t err
         out->kind = VERDICT_PASS;
         return 0;
     }
-    if (!lua_getmetatable(L, idx)) {
+    int is_verdict = 0;
+    if (lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
+        lua_rawgetp(L, LUA_REGISTRYINDEX, &VERDICT_MT);
+        is_verdict = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+    }
+    if (!is_verdict) {
         snprintf(err, errlen, "handler returned a %s, not a verdict (pass(), retry{} or respond{})",
                  luaL_typename(L, idx));
         return -1;
     }
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &VERDICT_MT);
-    int is_verdict = lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
-    if (!is_verdict) {
-        snprintf(err, errlen, "handler returned a table that is not a verdict "
-                              "(pass(), retry{} or respond{})");
-        return -1;
-    }
-    lua_getfield(L, idx, "verdict");
-    const char *kind = lua_tostring(L, -1);
-    lua_pop(L, 1);
-    if (strcmp(kind, "pass") == 0) {
-        out->kind = VERDICT_PASS;
-    } else if (strcmp(kind, "retry") == 0) {
-        out->kind = VERDICT_RETRY;
-        lua_getfield(L, idx, "after");
-        out->after_ms = lua_isnil(L, -1) ? -1 : (int64_t)lua_tonumber(L, -1);
-        lua_getfield(L, idx, "reason");
-        size_t n = 0;
-        const char *r = lua_tolstring(L, -1, &n);
-        if (r != NULL)
-            copy_reason(r, n, out->reason);
-        lua_getfield(L, idx, "unsafe");
-        out->unsafe = lua_toboolean(L, -1);
-        lua_pop(L, 3);
-    } else {
-        out->kind = VERDICT_RESPOND;
-        lua_getfield(L, idx, "status");
-        out->status = (int)lua_tointeger(L, -1);
-        lua_getfield(L, idx, "json");
-        lua_getfield(L, idx, "body");
-        size_t n = 0;
-        int is_json = !lua_isnil(L, -2);
-        const char *body = lua_tolstring(L, is_json ? -2 : -1, &n);
-        if (body != NULL)
-            buf_append(&out->body, body, n);
-        lua_pop(L, 3);
-        lua_getfield(L, idx, "headers");
-        if (lua_istable(L, -1)) {
-            lua_pushnil(L);
-            while (lua_next(L, -2) != 0) {
-                const char *k = lua_tostring(L, -2), *v = lua_tostring(L, -1);
-                if (strcasecmp(k, "content-type") == 0)
-                    out->has_content_type = 1; /* the policy's own wins over json's */
-                buf_puts(&out->headers, k);
-                buf_puts(&out->headers, ": ");
-                buf_puts(&out->headers, v);
-                buf_puts(&out->headers, "\r\n");
-                lua_pop(L, 1);
-            }
-        }
-        lua_pop(L, 1);
-        if (is_json && !out->has_content_type) {
-            buf_puts(&out->headers, "Content-Type: application/json\r\n");
-            out->has_content_type = 1;
-        }
+    const lverdict_t *v = lua_touserdata(L, idx);
+    out->kind = v->kind;
+    out->after_ms = v->after_ms;
+    memcpy(out->reason, v->reason, sizeof out->reason);
+    out->unsafe = v->unsafe;
+    out->status = v->status;
+    out->has_content_type = v->has_content_type;
+    if (v->kind == VERDICT_RESPOND) {
+        size_t n;
+        const char *s;
+        lua_getiuservalue(L, idx, 1);
+        if ((s = lua_tolstring(L, -1, &n)) != NULL)
+            buf_append(&out->headers, s, n);
+        lua_getiuservalue(L, idx, 2);
+        if ((s = lua_tolstring(L, -1, &n)) != NULL)
+            buf_append(&out->body, s, n);
+        lua_pop(L, 2);
     }
     return 0;
 }
@@ -587,16 +687,53 @@ static int l_alert(lua_State *L)
     return 0;
 }
 
+/* print() writes a log record (kept inside a policy's tests) instead of
+ * writing to stdout. */
+static int l_print(lua_State *L)
+{
+    int n = lua_gettop(L);
+    for (int i = 1; i <= n; i++) {
+        luaL_tolstring(L, i, NULL); /* may run __tostring: this is inside the call */
+        if (i < n)
+            lua_pushliteral(L, "\t");
+    }
+    lua_concat(L, n == 0 ? 0 : 2 * n - 1);
+    lua_api_ctx_t *c = ctx_of(L);
+    if (c->testing) {
+        c->test_logs++;
+        return 0;
+    }
+    log_record_t *r = log_begin(LOG_INFO, "policy print");
+    log_str(r, "text", lua_tostring(L, -1));
+    add_call_fields(r, c->in);
+    log_end(r);
+    return 0;
+}
+
 /* ---- the req and res views ------------------------------------------------------------------ */
 
+/* A view is a userdata holding a pointer to the input it shows, with a
+ * table of the fields computed so far as its user value: scripts can neither
+ * write to it nor iterate it, and once its handler returned the pointer is
+ * cleared, so a kept view raises instead of reading freed memory. */
+typedef struct {
+    const policy_input_t *in;
+} lview_t;
+
+/* The input behind the view at 1, after checking the cache for key 2:
+ * returns NULL with the cached value pushed when there is one. */
 static const policy_input_t *view_input(lua_State *L, const char *what)
 {
-    lua_rawgetp(L, 1, &VIEW_INPUT);
-    const policy_input_t *in = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (in == NULL)
+    const lview_t *v = lua_touserdata(L, 1);
+    if (v->in == NULL)
         luaL_error(L, "%s was kept past its handler; copy what you need instead", what);
-    return in;
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    if (!lua_isnil(L, -1))
+        return NULL; /* cached */
+    lua_pop(L, 2);
+    return v->in;
 }
 
 static int is_secret(const char *name, size_t n)
@@ -646,16 +783,22 @@ static double ms(uint64_t ns)
 /* Caches the value on top under the key at 2 and returns it. */
 static int cache(lua_State *L)
 {
+    lua_getiuservalue(L, 1, 1);
     lua_pushvalue(L, 2);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, 1);
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
     return 1;
 }
 
 static int req_index(lua_State *L)
 {
+    if (lua_type(L, 2) != LUA_TSTRING)
+        return 0;
     const policy_input_t *in = view_input(L, "req");
-    const char *k = luaL_checkstring(L, 2);
+    if (in == NULL)
+        return 1;
+    const char *k = lua_tostring(L, 2);
     const http_head_t *r = in->req;
     if (strcmp(k, "method") == 0)
         lua_pushstring(L, r->method_name);
@@ -698,8 +841,12 @@ static int push_retry_after(lua_State *L, const http_head_t *res)
 
 static int res_index(lua_State *L)
 {
+    if (lua_type(L, 2) != LUA_TSTRING)
+        return 0;
     const policy_input_t *in = view_input(L, "res");
-    const char *k = luaL_checkstring(L, 2);
+    if (in == NULL)
+        return 1;
+    const char *k = lua_tostring(L, 2);
     if (strcmp(k, "status") == 0) {
         lua_pushinteger(L, in->res->status);
     } else if (strcmp(k, "headers") == 0) {
@@ -709,11 +856,11 @@ static int res_index(lua_State *L)
             return 0;
         lua_pushlstring(L, in->body, in->body_len);
     } else if (strcmp(k, "json") == 0) {
-        cJSON *j = in->body ? cJSON_ParseWithLength(in->body, in->body_len) : NULL;
-        if (j == NULL)
+        if (in->body == NULL)
             return 0;
-        push_json(L, j, 0);
-        cJSON_Delete(j);
+        push_decoded(L, in->body, in->body_len);
+        if (lua_isnil(L, -1))
+            return 1;
     } else if (strcmp(k, "retry_after_ms") == 0) {
         if (!push_retry_after(L, in->res))
             return 0;
@@ -727,14 +874,15 @@ static int res_index(lua_State *L)
 
 static int view_newindex(lua_State *L)
 {
-    return luaL_error(L, "req and res are read-only");
+    return luaL_error(L, "req, res and verdicts are read-only");
 }
 
 static void push_view(lua_State *L, const void *mt_key, const policy_input_t *in)
 {
+    lview_t *v = lua_newuserdatauv(L, sizeof *v, 1);
+    v->in = in;
     lua_createtable(L, 0, 4);
-    lua_pushlightuserdata(L, (void *)in);
-    lua_rawsetp(L, -2, &VIEW_INPUT);
+    lua_setiuservalue(L, -2, 1); /* the cache */
     lua_rawgetp(L, LUA_REGISTRYINDEX, mt_key);
     lua_setmetatable(L, -2);
 }
@@ -755,10 +903,9 @@ void lua_api_push_views(lua_State *L, const policy_input_t *in)
 
 void lua_api_end_views(lua_State *L, int req_idx, int res_idx)
 {
-    lua_pushnil(L);
-    lua_rawsetp(L, req_idx, &VIEW_INPUT);
-    lua_pushnil(L);
-    lua_rawsetp(L, res_idx, &VIEW_INPUT);
+    ((lview_t *)lua_touserdata(L, req_idx))->in = NULL;
+    if (lua_type(L, res_idx) == LUA_TUSERDATA) /* the error handler's err is a table */
+        ((lview_t *)lua_touserdata(L, res_idx))->in = NULL;
 }
 
 void lua_api_reset_test_counts(lua_State *L, int idx)
@@ -785,12 +932,10 @@ void lua_api_reset_test_counts(lua_State *L, int idx)
 static void new_metatable(lua_State *L, const void *key, lua_CFunction index)
 {
     lua_createtable(L, 0, 3);
-    if (index != NULL) {
-        lua_pushcfunction(L, index);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, view_newindex);
-        lua_setfield(L, -2, "__newindex");
-    }
+    lua_pushcfunction(L, index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, view_newindex);
+    lua_setfield(L, -2, "__newindex");
     lua_pushliteral(L, "locked");
     lua_setfield(L, -2, "__metatable"); /* getmetatable() cannot reach it */
     lua_rawsetp(L, LUA_REGISTRYINDEX, key);
@@ -798,14 +943,14 @@ static void new_metatable(lua_State *L, const void *key, lua_CFunction index)
 
 void lua_api_open(lua_State *L)
 {
-    new_metatable(L, &VERDICT_MT, NULL);
+    new_metatable(L, &VERDICT_MT, verdict_index);
     new_metatable(L, &REQ_MT, req_index);
     new_metatable(L, &RES_MT, res_index);
     lua_api_reset_test_counts(L, 0);
 
     static const luaL_Reg globals[] = {
         {"pass", l_pass}, {"retry", l_retry}, {"respond", l_respond},
-        {"log", l_log},   {"alert", l_alert}, {NULL, NULL},
+        {"log", l_log},   {"alert", l_alert}, {"print", l_print}, {NULL, NULL},
     };
     lua_pushglobaltable(L);
     luaL_setfuncs(L, globals, 0);

@@ -39,6 +39,10 @@ void lua_api_end_views(lua_State *L, int req_idx, int res_idx);
  * Returns 0, or -1 with a message in `err`. */
 int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen);
 
+/* Pushes the JSON text of the value at `idx`, as errord.json.encode does
+ * (tables read raw, no metamethods run); raises what JSON cannot hold. */
+void lua_api_encode_json(lua_State *L, int idx);
+
 /* The backoff delay of errord.backoff(attempt). */
 uint64_t lua_api_backoff(lua_api_ctx_t *ctx, int attempt);
 

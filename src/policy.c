@@ -1,4 +1,10 @@
-/* policy: a user's Lua policy in a sandbox (see policy.h). */
+/* policy: a user's Lua policy in a sandbox (see policy.h).
+ *
+ * Two rules keep a hostile or broken policy from taking errord down. Every
+ * read of a table the policy made is raw (lua_rawget, lua_next), so none of
+ * its metamethods runs outside a bounded call. And every step that touches
+ * the Lua state runs in a protected call, so even running out of the
+ * state's memory is an error errord handles, never a panic. */
 #include "policy.h"
 
 #include "clock.h"
@@ -57,54 +63,64 @@ static sandbox_limits_t limits_of(const policy_settings_t *s)
     return l;
 }
 
-/* The first line of a Lua error (the traceback follows it). */
+/* The first line of a Lua error (a traceback may follow it). */
 static void first_line(const char *msg, char *out, size_t n)
 {
     size_t len = strcspn(msg ? msg : "", "\n");
     snprintf(out, n, "%.*s", (int)len, msg ? msg : "(no message)");
 }
 
-/* ---- settings ------------------------------------------------------------------ */
-
-/* Reads settings.<name> (or settings.<table>.<name>) as an integer in
- * [min, max] into *out when present. */
-static int setting_int(lua_State *L, int t, const char *where, const char *name, int64_t min,
-                       int64_t max, int64_t *out, char *err, size_t errlen)
+/* Pushes t[k] without running metamethods; returns its type. */
+static int rawfield(lua_State *L, int t, const char *k)
 {
-    lua_getfield(L, t, name);
-    int present = !lua_isnil(L, -1);
-    int ok = !present || (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= min &&
-                          lua_tointeger(L, -1) <= max);
-    if (present && ok)
-        *out = lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    if (!ok)
-        errf(err, errlen, "%s.%s must be an integer from %lld to %lld", where, name,
-             (long long)min, (long long)max);
-    return ok ? 0 : -1;
+    t = lua_absindex(L, t);
+    lua_pushstring(L, k);
+    return lua_rawget(L, t);
 }
 
-static void warn_unknown(lua_State *L, int t, const char *path, const char *where,
-                         const char *const *known)
+/* Raises for any string key of the table at `t` not in `known`, or (with
+ * `warn`) only logs it. */
+static void check_known(lua_State *L, int t, const char *path, const char *where,
+                        const char *const *known, int warn)
 {
+    t = lua_absindex(L, t);
     lua_pushnil(L);
     while (lua_next(L, t) != 0) {
         lua_pop(L, 1);
-        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?";
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
         int found = 0;
-        for (const char *const *p = known; *p != NULL && !found; p++)
+        for (const char *const *p = known; k != NULL && *p != NULL && !found; p++)
             found = strcmp(k, *p) == 0;
-        if (!found) {
-            log_record_t *r = log_begin(LOG_WARN, "unknown setting ignored");
-            log_str(r, "policy", path);
-            log_str(r, "setting", where);
-            log_str(r, "key", k);
-            log_end(r);
-        }
+        if (found)
+            continue;
+        if (!warn)
+            luaL_error(L, "%s: unknown key '%s'", where, k ? k : luaL_typename(L, -1));
+        log_record_t *r = log_begin(LOG_WARN, "unknown setting ignored");
+        log_str(r, "policy", path);
+        log_str(r, "setting", where);
+        log_str(r, "key", k ? k : luaL_typename(L, -1));
+        log_end(r);
     }
 }
 
-static int read_settings(policy_t *p, lua_State *L, int policy, char *err, size_t errlen)
+/* ---- settings ------------------------------------------------------------------ */
+
+/* Reads t.name as an integer in [min, max] into *out when present; raises
+ * otherwise. */
+static void setting_int(lua_State *L, int t, const char *where, const char *name, int64_t min,
+                        int64_t max, int64_t *out)
+{
+    rawfield(L, t, name);
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < min || lua_tointeger(L, -1) > max)
+            luaL_error(L, "%s.%s must be an integer from %I to %I", where, name,
+                       (lua_Integer)min, (lua_Integer)max);
+        *out = lua_tointeger(L, -1);
+    }
+    lua_pop(L, 1);
+}
+
+static void read_settings(policy_t *p, lua_State *L, int policy)
 {
     static const char *const known[] = {"attempts", "backoff", "body_limit", "replay_limit",
                                         "limits", NULL};
@@ -112,88 +128,64 @@ static int read_settings(policy_t *p, lua_State *L, int policy, char *err, size_
     static const char *const known_limits[] = {"instructions", "time_ms", "memory_mb", NULL};
     policy_settings_t *s = &p->settings;
     int64_t v;
-    int rc = -1;
 
     *s = DEFAULTS;
-    lua_getfield(L, policy, "settings");
-    int t = lua_gettop(L);
-    if (lua_isnil(L, t)) {
+    if (rawfield(L, policy, "settings") == LUA_TNIL) {
         lua_pop(L, 1);
-        return 0;
+        return;
     }
-    if (!lua_istable(L, t)) {
-        errf(err, errlen, "settings must be a table");
-        goto out;
-    }
-    warn_unknown(L, t, p->path, "settings", known);
+    int t = lua_gettop(L);
+    if (!lua_istable(L, t))
+        luaL_error(L, "settings must be a table");
+    check_known(L, t, p->path, "settings", known, 1);
     v = s->attempts;
-    if (setting_int(L, t, "settings", "attempts", 1, 10, &v, err, errlen) < 0)
-        goto out;
+    setting_int(L, t, "settings", "attempts", 1, 10, &v);
     s->attempts = (int)v;
     v = (int64_t)s->body_limit;
-    if (setting_int(L, t, "settings", "body_limit", 0, 16 << 20, &v, err, errlen) < 0)
-        goto out;
+    setting_int(L, t, "settings", "body_limit", 0, 16 << 20, &v);
     s->body_limit = (size_t)v;
     v = (int64_t)s->replay_limit;
-    if (setting_int(L, t, "settings", "replay_limit", 0, 1 << 30, &v, err, errlen) < 0)
-        goto out;
+    setting_int(L, t, "settings", "replay_limit", 0, 1 << 30, &v);
     s->replay_limit = (size_t)v;
 
-    lua_getfield(L, t, "backoff");
-    if (!lua_isnil(L, -1)) {
+    if (rawfield(L, t, "backoff") != LUA_TNIL) {
         int b = lua_gettop(L);
         int64_t base = (int64_t)s->backoff_base_ms, max = (int64_t)s->backoff_max_ms;
-        if (!lua_istable(L, b)) {
-            errf(err, errlen, "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
-            goto out;
-        }
-        warn_unknown(L, b, p->path, "settings.backoff", known_backoff);
-        if (setting_int(L, b, "settings.backoff", "base_ms", 0, 3600000, &base, err, errlen) < 0 ||
-            setting_int(L, b, "settings.backoff", "max_ms", 0, 3600000, &max, err, errlen) < 0)
-            goto out;
-        if (max < base) {
-            errf(err, errlen, "settings.backoff.max_ms must not be below base_ms");
-            goto out;
-        }
+        if (!lua_istable(L, b))
+            luaL_error(L, "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
+        check_known(L, b, p->path, "settings.backoff", known_backoff, 1);
+        setting_int(L, b, "settings.backoff", "base_ms", 0, 3600000, &base);
+        setting_int(L, b, "settings.backoff", "max_ms", 0, 3600000, &max);
+        if (max < base)
+            luaL_error(L, "settings.backoff.max_ms must not be below base_ms");
         s->backoff_base_ms = (uint64_t)base;
         s->backoff_max_ms = (uint64_t)max;
     }
     lua_pop(L, 1);
 
-    lua_getfield(L, t, "limits");
-    if (!lua_isnil(L, -1)) {
+    if (rawfield(L, t, "limits") != LUA_TNIL) {
         int l = lua_gettop(L);
         int64_t ins = (int64_t)s->handler_instructions, ms = (int64_t)s->handler_time_ms;
         int64_t mb = (int64_t)(s->memory_limit >> 20);
-        if (!lua_istable(L, l)) {
-            errf(err, errlen, "settings.limits must be a table");
-            goto out;
-        }
-        warn_unknown(L, l, p->path, "settings.limits", known_limits);
-        if (setting_int(L, l, "settings.limits", "instructions", 10000, 1000000000, &ins, err,
-                        errlen) < 0 ||
-            setting_int(L, l, "settings.limits", "time_ms", 1, 10000, &ms, err, errlen) < 0 ||
-            setting_int(L, l, "settings.limits", "memory_mb", 4, 4096, &mb, err, errlen) < 0)
-            goto out;
+        if (!lua_istable(L, l))
+            luaL_error(L, "settings.limits must be a table");
+        check_known(L, l, p->path, "settings.limits", known_limits, 1);
+        setting_int(L, l, "settings.limits", "instructions", 10000, 1000000000, &ins);
+        setting_int(L, l, "settings.limits", "time_ms", 1, 10000, &ms);
+        setting_int(L, l, "settings.limits", "memory_mb", 4, 4096, &mb);
         s->handler_instructions = (uint64_t)ins;
         s->handler_time_ms = (uint64_t)ms;
         s->memory_limit = (size_t)mb << 20;
-        if (sandbox_memory(p->sandbox) > s->memory_limit) {
-            errf(err, errlen, "the policy already uses more than settings.limits.memory_mb");
-            goto out;
-        }
+        if (sandbox_memory(p->sandbox) > s->memory_limit)
+            luaL_error(L, "the policy already uses more than settings.limits.memory_mb");
     }
-    lua_pop(L, 1);
-    rc = 0;
-out:
     lua_settop(L, t - 1);
-    return rc;
 }
 
 /* ---- handlers ------------------------------------------------------------------ */
 
-/* Reads the returned table's keys into handler refs. */
-static int read_handlers(policy_t *p, lua_State *L, int policy, char *err, size_t errlen)
+/* Reads the returned table's keys into handler refs; raises on a bad key. */
+static void read_handlers(policy_t *p, lua_State *L, int policy)
 {
     int exact[N_STATUS], klass[6], deflt = LUA_NOREF;
     for (int i = 0; i < N_STATUS; i++)
@@ -208,15 +200,16 @@ static int read_handlers(policy_t *p, lua_State *L, int policy, char *err, size_
         if (lua_type(L, -2) == LUA_TNUMBER) {
             lua_Integer s = lua_isinteger(L, -2) ? lua_tointeger(L, -2) : 0;
             if (s < 100 || s > 599) {
-                errf(err, errlen, "handler key %g is not a status from 100 to 599",
-                     lua_tonumber(L, -2));
-                return -1;
+                lua_pushvalue(L, -2);
+                luaL_error(L, "handler key %s is not a status from 100 to 599",
+                           lua_tostring(L, -1)); /* the copy may become a string */
             }
             slot = &exact[s];
             snprintf(name, sizeof name, "[%d]", (int)s);
         } else if (lua_type(L, -2) == LUA_TSTRING) {
             const char *k = lua_tostring(L, -2);
-            if (strlen(k) == 3 && k[0] >= '1' && k[0] <= '5' && k[1] == 'x' && k[2] == 'x') {
+            size_t n = strlen(k);
+            if (n == 3 && k[0] >= '1' && k[0] <= '5' && k[1] == 'x' && k[2] == 'x') {
                 slot = &klass[k[0] - '0'];
             } else if (strcmp(k, "default") == 0) {
                 slot = &deflt;
@@ -226,18 +219,13 @@ static int read_handlers(policy_t *p, lua_State *L, int policy, char *err, size_
                 lua_pop(L, 1);
                 continue;
             } else if (strcmp(k, "tests") == 0) {
-                if (!lua_istable(L, -1)) {
-                    errf(err, errlen, "tests must be a list of test tables");
-                    return -1;
-                }
-                lua_pushvalue(L, -1);
-                p->tests_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-                lua_pop(L, 1);
+                if (!lua_istable(L, -1))
+                    luaL_error(L, "tests must be a list of test tables");
+                p->tests_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops it */
                 continue;
-            } else if (strlen(k) == 3 && k[0] >= '1' && k[0] <= '5' && k[1] >= '0' &&
-                       k[1] <= '9' && k[2] >= '0' && k[2] <= '9') {
-                errf(err, errlen, "handler key \"%s\" is a string: write [%s], a number", k, k);
-                return -1;
+            } else if (n == 3 && k[0] >= '1' && k[0] <= '5' && k[1] >= '0' && k[1] <= '9' &&
+                       k[2] >= '0' && k[2] <= '9') {
+                luaL_error(L, "handler key \"%s\" is a string: write [%s], a number", k, k);
             } else {
                 log_record_t *r = log_begin(LOG_WARN, "unknown policy key ignored");
                 log_str(r, "policy", p->path);
@@ -248,22 +236,28 @@ static int read_handlers(policy_t *p, lua_State *L, int policy, char *err, size_
             }
             snprintf(name, sizeof name, "%s", k);
         } else {
-            errf(err, errlen, "policy keys are statuses, classes (\"4xx\"), default, error, "
-                              "settings or tests; found a %s key",
-                 luaL_typename(L, -2));
-            return -1;
+            luaL_error(L, "policy keys are statuses, classes (\"4xx\"), default, error, "
+                          "settings or tests; found a %s key",
+                       luaL_typename(L, -2));
         }
-        if (!lua_isfunction(L, -1)) {
-            errf(err, errlen, "handler %s must be a function, not a %s", name,
-                 luaL_typename(L, -1));
-            return -1;
-        }
+        if (!lua_isfunction(L, -1))
+            luaL_error(L, "handler %s must be a function, not a %s", name, luaL_typename(L, -1));
         *slot = luaL_ref(L, LUA_REGISTRYINDEX); /* pops the function */
     }
     for (int s = 100; s < N_STATUS; s++)
         p->handler[s] = exact[s] != LUA_NOREF ? exact[s]
                         : klass[s / 100] != LUA_NOREF ? klass[s / 100]
                                                       : deflt;
+}
+
+/* Protected: reads the policy table (2) into the policy (1). */
+static int load_step(lua_State *L)
+{
+    policy_t *p = lua_touserdata(L, 1);
+    if (!lua_istable(L, 2))
+        luaL_error(L, "the policy must return a table (it returned a %s)", luaL_typename(L, 2));
+    read_settings(p, L, 2);
+    read_handlers(p, L, 2);
     return 0;
 }
 
@@ -287,6 +281,13 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
     }
     *len = n;
     return data;
+}
+
+/* Protected: installs the API. */
+static int open_step(lua_State *L)
+{
+    lua_api_open(L);
+    return 0;
 }
 
 policy_t *policy_load(const char *path, char *err, size_t errlen)
@@ -316,7 +317,11 @@ policy_t *policy_load(const char *path, char *err, size_t errlen)
     p->ctx.rng[1] |= 1;
     sandbox_set_context(p->sandbox, &p->ctx);
     lua_State *L = sandbox_state(p->sandbox);
-    lua_api_open(L);
+    lua_pushcfunction(L, open_step);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+        errf(err, errlen, "out of memory");
+        goto fail;
+    }
 
     src = read_file(path, &len, err, errlen);
     if (src == NULL)
@@ -327,20 +332,17 @@ policy_t *policy_load(const char *path, char *err, size_t errlen)
         first_line(lua_tostring(L, -1), err, errlen);
         goto fail;
     }
-    sandbox_status_t st = sandbox_call(p->sandbox, 0, 1);
-    if (st != SANDBOX_OK) {
+    if (sandbox_call(p->sandbox, 0, 1) != SANDBOX_OK) {
         first_line(lua_tostring(L, -1), err, errlen);
         goto fail;
     }
-    if (!lua_istable(L, -1)) {
-        errf(err, errlen, "%s: the policy must return a table (it returned a %s)", path,
-             luaL_typename(L, -1));
-        goto fail;
-    }
-    int t = lua_gettop(L);
-    char why[400];
-    if (read_settings(p, L, t, why, sizeof why) < 0 ||
-        read_handlers(p, L, t, why, sizeof why) < 0) {
+    lua_pushcfunction(L, load_step);
+    lua_insert(L, -2);
+    lua_pushlightuserdata(L, p);
+    lua_insert(L, -2);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+        char why[512];
+        first_line(lua_tostring(L, -1), why, sizeof why);
         errf(err, errlen, "%s: %s", path, why);
         goto fail;
     }
@@ -383,19 +385,37 @@ uint64_t policy_backoff_ms(policy_t *p, int attempt)
     return lua_api_backoff(&p->ctx, attempt);
 }
 
-/* Calls the handler for `in`. Returns the sandbox status; on success the
- * verdict is in `out`, else `msg` (and `trace`) say what went wrong. */
+/* Protected: pushes the views of the input (1). */
+static int views_step(lua_State *L)
+{
+    lua_api_push_views(L, lua_touserdata(L, 1));
+    return 2;
+}
+
+/* Calls the handler `ref` for `in`. Returns the sandbox status; on success
+ * the verdict is in `out`, else `msg` (and `trace`) say what went wrong. */
 static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t *in, verdict_t *out,
                                      char *msg, size_t msglen, buf_t *trace)
 {
     lua_State *L = sandbox_state(p->sandbox);
     int top = lua_gettop(L);
+    if (!lua_checkstack(L, 8)) {
+        snprintf(msg, msglen, "out of memory");
+        return SANDBOX_MEMORY;
+    }
+    lua_pushcfunction(L, views_step);
+    lua_pushlightuserdata(L, (void *)in);
+    if (lua_pcall(L, 1, 2, 0) != LUA_OK) { /* req at top+1, res (or err) at top+2 */
+        lua_settop(L, top);
+        snprintf(msg, msglen, "out of memory before the handler ran");
+        return SANDBOX_MEMORY;
+    }
     p->ctx.in = in;
-    lua_api_push_views(L, in); /* req at top+1, res (or err) at top+2 */
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
     lua_pushvalue(L, top + 1);
     lua_pushvalue(L, top + 2);
     sandbox_status_t st = sandbox_call(p->sandbox, 2, 1);
+    p->ctx.in = NULL;
     if (st == SANDBOX_OK) {
         if (lua_api_verdict(L, -1, out, msg, msglen) < 0)
             st = SANDBOX_ERROR;
@@ -405,7 +425,7 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
         if (trace != NULL && text != NULL)
             buf_puts(trace, text);
         if (st == SANDBOX_MEMORY && strchr(msg, ':') == NULL) {
-            /* Lua raises "not enough memory" with no location: name the handler. */
+            /* Lua says "not enough memory" with no location: name the handler. */
             lua_Debug ar;
             lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
             if (lua_getinfo(L, ">S", &ar))
@@ -415,7 +435,6 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
     }
     lua_api_end_views(L, top + 1, top + 2);
     lua_settop(L, top);
-    p->ctx.in = NULL;
     return st;
 }
 
@@ -459,52 +478,78 @@ void verdict_reset(verdict_t *v)
 
 /* ---- the policy's own tests ---------------------------------------------------- */
 
-/* Builds a head from a test's req or res table at `idx`. */
-static http_head_t *test_head(lua_State *L, int idx, int is_res)
+/* One test being run: what it allocates in C lives here, so that the
+ * caller frees it whatever the protected step did. */
+typedef struct {
+    policy_t *p;
+    http_head_t *req;
+    http_head_t *res;
+    verdict_t v;
+    int passed;
+    char why[512];
+} test_run_t;
+
+#define TEST_FAIL(r, ...)                                       \
+    do {                                                        \
+        snprintf((r)->why, sizeof (r)->why, __VA_ARGS__);       \
+        return 0;                                               \
+    } while (0)
+
+/* Builds a head from a test's req or res table at `idx` into *slot (which
+ * owns it from the first allocation on). */
+static void test_head(lua_State *L, int idx, int is_res, http_head_t **slot)
 {
     http_head_t *h = calloc(1, sizeof *h);
     if (h == NULL)
-        return NULL;
+        luaL_error(L, "out of memory");
+    *slot = h;
     h->content_length = -1;
     h->version = 11;
     size_t n_headers = 0;
-    lua_getfield(L, idx, "headers");
-    if (lua_istable(L, -1)) {
+    int headers = rawfield(L, idx, "headers") == LUA_TTABLE ? lua_gettop(L) : 0;
+    if (headers) {
         lua_pushnil(L);
-        while (lua_next(L, -2) != 0) {
+        while (lua_next(L, headers) != 0) {
             n_headers++;
             lua_pop(L, 1);
         }
     }
     h->headers = calloc(n_headers + 1, sizeof *h->headers);
+    if (h->headers == NULL)
+        luaL_error(L, "out of memory");
     /* Every string goes into the arena first; pointers are taken after, as
      * appending may move it. */
     buf_t *a = &h->arena;
     size_t method_off = 0, target_off = 0;
     if (!is_res) {
-        lua_getfield(L, idx, "method");
-        const char *m = lua_isstring(L, -1) ? lua_tostring(L, -1) : "GET";
+        rawfield(L, idx, "method");
+        const char *m = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "GET";
         method_off = a->len;
         buf_append(a, m, strlen(m) + 1);
-        lua_getfield(L, idx, "path");
-        const char *path = lua_isstring(L, -1) ? lua_tostring(L, -1) : "/";
+        rawfield(L, idx, "path");
+        const char *path = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "/";
         target_off = a->len;
         h->target_len = strlen(path);
         buf_append(a, path, h->target_len + 1);
         lua_pop(L, 2);
-        h->method = strcmp(m, "GET") == 0    ? HTTP_M_GET
-                    : strcmp(m, "HEAD") == 0 ? HTTP_M_HEAD
-                    : strcmp(m, "POST") == 0 ? HTTP_M_POST
-                                             : HTTP_M_OTHER;
+        static const struct {
+            const char *name;
+            http_method_t m;
+        } methods[] = {{"GET", HTTP_M_GET},         {"HEAD", HTTP_M_HEAD},   {"POST", HTTP_M_POST},
+                       {"PUT", HTTP_M_PUT},         {"DELETE", HTTP_M_DELETE},
+                       {"OPTIONS", HTTP_M_OPTIONS}, {"PATCH", HTTP_M_PATCH}};
+        for (size_t i = 0; i < sizeof methods / sizeof *methods; i++)
+            if (strcmp(m, methods[i].name) == 0)
+                h->method = methods[i].m;
     } else {
-        lua_getfield(L, idx, "status");
-        h->status = (int)lua_tointeger(L, -1);
+        rawfield(L, idx, "status");
+        h->status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
         lua_pop(L, 1);
     }
-    if (lua_istable(L, -1) && h->headers != NULL) {
+    if (headers) {
         lua_pushnil(L);
-        while (lua_next(L, -2) != 0) {
-            if (lua_type(L, -2) == LUA_TSTRING && lua_isstring(L, -1)) {
+        while (lua_next(L, headers) != 0) {
+            if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING) {
                 http_header_t *f = &h->headers[h->n_headers++];
                 size_t kn, vn;
                 const char *k = lua_tolstring(L, -2, &kn);
@@ -519,19 +564,20 @@ static http_head_t *test_head(lua_State *L, int idx, int is_res)
             lua_pop(L, 1);
         }
     }
-    lua_pop(L, 1);
+    lua_pop(L, 1); /* headers */
     buf_append(a, "", 1);
-    if (!is_res) {
-        h->method_name = a->data + method_off;
-        h->target = a->data + target_off;
-    } else {
-        h->method_name = h->target = h->reason = "";
-    }
+    h->method_name = is_res ? "" : a->data + method_off;
+    h->target = is_res ? "" : a->data + target_off;
+    h->reason = "";
     for (size_t i = 0; i < h->n_headers; i++) {
         h->headers[i].name = a->data + h->headers[i].name_off;
         h->headers[i].value = a->data + h->headers[i].value_off;
     }
-    return h;
+}
+
+static const char *verdict_name(verdict_kind_t k)
+{
+    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
 }
 
 /* Whether `name` is one of the '\n'-terminated names in `alerts`. */
@@ -548,128 +594,125 @@ static int raised_alert(const buf_t *alerts, const char *name)
     return 0;
 }
 
-static const char *verdict_name(verdict_kind_t k)
+/* Protected: the JSON text of the value at 1. */
+static int encode_step(lua_State *L)
 {
-    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
+    lua_api_encode_json(L, 1);
+    return 1;
 }
 
-/* Runs test `i` (the table on top). Returns 1 when it passed; `why` says why
- * not. */
-static int run_test(policy_t *p, lua_State *L, int t, char *why, size_t whylen)
+/* Protected: runs the test table (2) for the run (1). Returns 0; r->passed
+ * and r->why say how it went. */
+static int test_step(lua_State *L)
 {
-    http_head_t *req = NULL, *res = NULL;
+    static const char *const known[] = {"name", "req", "res", "err", "attempt", "counts",
+                                        "expect", NULL};
+    static const char *const known_expect[] = {"verdict", "status", "reason", "alert", NULL};
+    test_run_t *r = lua_touserdata(L, 1);
+    policy_t *p = r->p;
+    int t = 2;
     policy_input_t in = {0};
-    verdict_t v = VERDICT_INIT;
-    int passed = 0;
     size_t body_len = 0;
 
-    lua_getfield(L, t, "req");
-    if (!lua_isnil(L, -1) && !lua_istable(L, -1)) {
-        errf(why, whylen, "req must be a table");
-        goto out;
-    }
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
+    check_known(L, t, p->path, "test", known, 0);
+    int req = rawfield(L, t, "req") == LUA_TTABLE ? lua_gettop(L) : 0;
+    if (!req && !lua_isnil(L, -1))
+        TEST_FAIL(r, "req must be a table");
+    if (req)
+        test_head(L, req, 0, &r->req);
+    else {
         lua_newtable(L);
+        test_head(L, lua_gettop(L), 0, &r->req);
     }
-    req = test_head(L, lua_gettop(L), 0);
-    lua_getfield(L, t, "res");
-    lua_getfield(L, t, "err");
-    if (lua_istable(L, -2)) {
-        res = test_head(L, lua_gettop(L) - 1, 1);
-        lua_getfield(L, -2, "json");
-        lua_getfield(L, -3, "body");
-        if (!lua_isnil(L, -2)) {
-            lua_getglobal(L, "errord");
-            lua_getfield(L, -1, "json");
-            lua_getfield(L, -1, "encode");
-            lua_pushvalue(L, -5);
-            if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-                errf(why, whylen, "res.json: %s", lua_tostring(L, -1));
-                goto out;
-            }
-            lua_replace(L, -5); /* the encoded json stands in for the body */
-            lua_pop(L, 2);
+    int res = rawfield(L, t, "res") == LUA_TTABLE ? lua_gettop(L) : 0;
+    int err = rawfield(L, t, "err") == LUA_TTABLE ? lua_gettop(L) : 0;
+    if (res) {
+        test_head(L, res, 1, &r->res);
+        if (r->res->status < 100 || r->res->status > 599)
+            TEST_FAIL(r, "res.status must be a status from 100 to 599");
+        if (rawfield(L, res, "json") != LUA_TNIL) {
+            lua_pushcfunction(L, encode_step);
+            lua_insert(L, -2);
+            if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+                TEST_FAIL(r, "res.json: %s", lua_tostring(L, -1));
+        } else {
+            rawfield(L, res, "body");
         }
-        in.body = lua_tolstring(L, lua_isnil(L, -2) ? -1 : -2, &body_len);
+        if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+            TEST_FAIL(r, "res.body must be a string");
+        in.body = lua_isnil(L, -1) ? "" : lua_tolstring(L, -1, &body_len);
         in.body_len = body_len;
-        if (res == NULL || res->status < 100 || res->status > 599) {
-            errf(why, whylen, "res.status must be a status from 100 to 599");
-            goto out;
-        }
-    } else if (lua_istable(L, -1)) {
-        lua_getfield(L, -1, "kind");
-        lua_getfield(L, -2, "message");
-        in.err_kind = lua_isstring(L, -2) ? lua_tostring(L, -2) : "connect";
-        in.err_message = lua_isstring(L, -1) ? lua_tostring(L, -1) : "";
+    } else if (err) {
+        rawfield(L, err, "kind");
+        rawfield(L, err, "message");
+        in.err_kind = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "connect";
+        in.err_message = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
     } else {
-        errf(why, whylen, "a test needs res = { status = ... } or err = { kind = ... }");
-        goto out;
+        TEST_FAIL(r, "a test needs res = { status = ... } or err = { kind = ... }");
     }
-    in.req = req;
-    in.res = res;
+    in.req = r->req;
+    in.res = r->res;
     in.request_id = "test";
-    lua_getfield(L, t, "attempt");
+    rawfield(L, t, "attempt");
     in.attempt = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 1;
     lua_pop(L, 1);
 
-    int ref = res != NULL ? p->handler[res->status] : p->error_ref;
+    int ref = r->res != NULL ? p->handler[r->res->status] : p->error_ref;
     buf_clear(&p->ctx.test_alerts);
     p->ctx.test_logs = 0;
-    lua_getfield(L, t, "counts"); /* what errord.count() has seen before the test */
+    rawfield(L, t, "counts"); /* what errord.count() has seen before the test */
     lua_api_reset_test_counts(L, -1);
     lua_pop(L, 1);
     if (ref != LUA_NOREF) {
         char msg[400];
-        buf_t trace = BUF_INIT;
-        sandbox_status_t st = call_handler(p, ref, &in, &v, msg, sizeof msg, &trace);
-        buf_free(&trace);
-        if (st != SANDBOX_OK) {
-            errf(why, whylen, "handler failed: %s", msg);
-            goto out;
-        }
+        sandbox_status_t st = call_handler(p, ref, &in, &r->v, msg, sizeof msg, NULL);
+        if (st != SANDBOX_OK)
+            TEST_FAIL(r, "handler failed: %s", msg);
     }
 
-    lua_getfield(L, t, "expect");
-    int e = lua_gettop(L);
-    if (!lua_istable(L, e)) {
-        errf(why, whylen, "expect must be a table such as { verdict = \"retry\" }");
-        goto out;
-    }
-    lua_getfield(L, e, "verdict");
-    if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), verdict_name(v.kind)) != 0) {
-        errf(why, whylen, "expected verdict %s, got %s", lua_tostring(L, -1),
-             verdict_name(v.kind));
-        goto out;
-    }
-    lua_getfield(L, e, "status");
-    if (lua_isinteger(L, -1) && (v.kind != VERDICT_RESPOND || v.status != lua_tointeger(L, -1))) {
-        errf(why, whylen, "expected respond with status %d, got %s %d",
-             (int)lua_tointeger(L, -1), verdict_name(v.kind), v.status);
-        goto out;
-    }
-    lua_getfield(L, e, "reason");
-    if (lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), v.reason) != 0) {
-        errf(why, whylen, "expected reason \"%s\", got \"%s\"", lua_tostring(L, -1), v.reason);
-        goto out;
-    }
-    lua_getfield(L, e, "alert");
+    int e = rawfield(L, t, "expect") == LUA_TTABLE ? lua_gettop(L) : 0;
+    if (!e)
+        TEST_FAIL(r, "expect must be a table such as { verdict = \"retry\" }");
+    check_known(L, e, p->path, "expect", known_expect, 0);
+    rawfield(L, e, "verdict");
+    if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), verdict_name(r->v.kind)) != 0)
+        TEST_FAIL(r, "expected verdict %s, got %s", lua_tostring(L, -1), verdict_name(r->v.kind));
+    rawfield(L, e, "status");
+    if (lua_isinteger(L, -1) &&
+        (r->v.kind != VERDICT_RESPOND || r->v.status != lua_tointeger(L, -1)))
+        TEST_FAIL(r, "expected respond with status %d, got %s %d", (int)lua_tointeger(L, -1),
+                  verdict_name(r->v.kind), r->v.status);
+    rawfield(L, e, "reason");
+    if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), r->v.reason) != 0)
+        TEST_FAIL(r, "expected reason \"%s\", got \"%s\"", lua_tostring(L, -1), r->v.reason);
+    rawfield(L, e, "alert");
     if (lua_type(L, -1) == LUA_TSTRING) {
-        if (!raised_alert(&p->ctx.test_alerts, lua_tostring(L, -1))) {
-            errf(why, whylen, "expected alert %s, it was not raised", lua_tostring(L, -1));
-            goto out;
-        }
+        if (!raised_alert(&p->ctx.test_alerts, lua_tostring(L, -1)))
+            TEST_FAIL(r, "expected alert %s, it was not raised", lua_tostring(L, -1));
     } else if (lua_isboolean(L, -1) && (p->ctx.test_alerts.len > 0) != lua_toboolean(L, -1)) {
-        errf(why, whylen, "expected %s", lua_toboolean(L, -1) ? "an alert, none was raised"
-                                                             : "no alert, one was raised");
-        goto out;
+        TEST_FAIL(r, "expected %s", lua_toboolean(L, -1) ? "an alert, none was raised"
+                                                        : "no alert, one was raised");
     }
-    passed = 1;
-out:
-    verdict_reset(&v);
-    http_head_free(req);
-    http_head_free(res);
-    return passed;
+    r->passed = 1;
+    return 0;
+}
+
+/* Runs the test table at `t`; returns 1 when it passed, else 0 with `why`. */
+static int run_test(policy_t *p, lua_State *L, int t, char *why, size_t whylen)
+{
+    test_run_t r = {.p = p, .v = VERDICT_INIT};
+    lua_pushcfunction(L, test_step);
+    lua_pushlightuserdata(L, &r);
+    lua_pushvalue(L, t);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+        first_line(lua_tostring(L, -1), r.why, sizeof r.why);
+        r.passed = 0;
+    }
+    snprintf(why, whylen, "%s", r.why);
+    verdict_reset(&r.v);
+    http_head_free(r.req);
+    http_head_free(r.res);
+    return r.passed;
 }
 
 int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, void *arg),
@@ -679,6 +722,10 @@ int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, 
         return 0;
     lua_State *L = sandbox_state(p->sandbox);
     int top = lua_gettop(L), failed = 0;
+    if (!lua_checkstack(L, 8)) {
+        errf(err, errlen, "out of memory");
+        return -1;
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, p->tests_ref);
     int tests = lua_gettop(L);
     lua_Integer n = (lua_Integer)lua_rawlen(L, tests);
@@ -692,11 +739,11 @@ int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, 
             failed = -1;
             break;
         }
-        lua_getfield(L, t, "name");
         char name[128];
-        snprintf(name, sizeof name, "%s",
-                 lua_isstring(L, -1) ? lua_tostring(L, -1) : "(unnamed test)");
-        if (!lua_isstring(L, -1))
+        lua_pushliteral(L, "name");
+        if (lua_rawget(L, t) == LUA_TSTRING)
+            snprintf(name, sizeof name, "%s", lua_tostring(L, -1));
+        else
             snprintf(name, sizeof name, "tests[%lld]", (long long)i);
         char why[512] = "";
         int ok = run_test(p, L, t, why, sizeof why);

@@ -3,6 +3,7 @@
 
 #include "clock.h"
 #include "log.h"
+#include "pattern.h"
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -12,9 +13,11 @@
 
 /* The count hook runs every this many VM instructions. */
 #define HOOK_EVERY 1000
-/* Past the memory cap, a call is stopped at its next instruction, with a
- * traceback; only past this much more does an allocation fail outright. */
-#define MEMORY_SLACK (1024 * 1024)
+/* Past the memory cap an allocation still succeeds, up to a quarter of the
+ * cap (at least 1 MiB) more; at the next instruction the collector runs, and
+ * if that does not bring the state back under the cap the call stops there,
+ * with a location and a traceback. Past the slack an allocation fails. */
+#define MEMORY_SLACK(cap) ((cap) / 4 > (1 << 20) ? (cap) / 4 : (size_t)1 << 20)
 
 struct sandbox_s {
     lua_State *L;
@@ -25,6 +28,7 @@ struct sandbox_s {
     sandbox_status_t tripped;
     const char *why; /* the limit that stopped the call */
     int in_call;
+    int gc_wanted; /* over the cap: collect at the next instruction */
     void *ctx;
 };
 
@@ -43,14 +47,11 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         return NULL;
     }
     if (nsize > old && s->used + (nsize - old) > s->limits.memory) {
-        if (!s->in_call || s->used + (nsize - old) > s->limits.memory + MEMORY_SLACK)
+        if (!s->in_call || s->used + (nsize - old) > s->limits.memory + MEMORY_SLACK(s->limits.memory))
             return NULL;
-        if (s->tripped == SANDBOX_OK) {
-            /* Stop the handler at its next instruction, as a plain error
-             * that gets a location and a traceback. */
-            s->tripped = SANDBOX_MEMORY;
-            s->why = "memory limit reached";
-            lua_sethook(s->L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+        if (!s->gc_wanted && s->tripped == SANDBOX_OK) {
+            s->gc_wanted = 1;
+            lua_sethook(s->L, on_hook, LUA_MASKCOUNT, 1);
         }
     }
     void *p = realloc(ptr, nsize);
@@ -80,6 +81,17 @@ static void on_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     sandbox_t *s = sandbox_of(L);
+    if (s->gc_wanted && s->tripped == SANDBOX_OK) {
+        s->gc_wanted = 0;
+        lua_gc(L, LUA_GCCOLLECT); /* garbage of earlier calls must not count */
+        if (s->used > s->limits.memory) {
+            s->tripped = SANDBOX_MEMORY;
+            s->why = "memory limit reached";
+        } else {
+            lua_sethook(L, on_hook, LUA_MASKCOUNT, HOOK_EVERY);
+            return;
+        }
+    }
     if (s->tripped == SANDBOX_OK) {
         if (s->budget <= HOOK_EVERY) {
             s->tripped = SANDBOX_TIMEOUT;
@@ -101,6 +113,29 @@ static void on_hook(lua_State *L, lua_Debug *ar)
     lua_error(L);
 }
 
+void sandbox_charge(lua_State *L, uint64_t units)
+{
+    sandbox_t *s = sandbox_of(L);
+    if (!s->in_call)
+        return;
+    if (s->tripped == SANDBOX_OK) {
+        if (s->budget <= units) {
+            s->tripped = SANDBOX_TIMEOUT;
+            s->why = "instruction limit reached";
+        } else {
+            s->budget -= units;
+            if (clock_now_ns() > s->deadline_ns) {
+                s->tripped = SANDBOX_TIMEOUT;
+                s->why = "time limit reached";
+            }
+        }
+        if (s->tripped == SANDBOX_OK)
+            return;
+        lua_sethook(L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+    }
+    luaL_error(L, "policy handler stopped: %s", s->why);
+}
+
 static int msg_handler(lua_State *L)
 {
     const char *msg = lua_tostring(L, 1);
@@ -120,7 +155,10 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
     int base = lua_gettop(L) - nargs;
     lua_pushcfunction(L, msg_handler);
     lua_insert(L, base); /* under the function and its arguments */
+    if (s->used > s->limits.memory / 4 * 3)
+        lua_gc(L, LUA_GCCOLLECT); /* room first: old garbage is not this call's */
     s->tripped = SANDBOX_OK;
+    s->gc_wanted = 0;
     s->budget = s->limits.instructions;
     s->deadline_ns = clock_now_ns() + s->limits.time_ms * 1000000u;
     s->in_call = 1;
@@ -128,6 +166,7 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_sethook(L, NULL, 0, 0);
     s->in_call = 0;
+    s->gc_wanted = 0;
     if (rc == LUA_OK && s->tripped != SANDBOX_OK) {
         /* Tripped by an allocation in the last instructions of the call. */
         lua_pop(L, nresults < 0 ? 0 : nresults);
@@ -137,6 +176,8 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
     lua_remove(L, base); /* the handler */
     if (rc == LUA_OK)
         return SANDBOX_OK;
+    if (rc == LUA_ERRMEM || s->tripped == SANDBOX_MEMORY)
+        lua_gc(L, LUA_GCCOLLECT); /* what the failed call left is garbage now */
     if (s->tripped != SANDBOX_OK)
         return s->tripped;
     return rc == LUA_ERRMEM ? SANDBOX_MEMORY : SANDBOX_ERROR;
@@ -197,23 +238,21 @@ static int safe_xpcall(lua_State *L)
     return lua_gettop(L);
 }
 
-/* print() writes a log record instead of to stdout. */
-static int safe_print(lua_State *L)
+/* setmetatable() without __gc: a finalizer runs whenever the collector
+ * likes, outside any bounded call (at the latest when the state closes), so
+ * a policy may not have one. The original is this closure's upvalue. */
+static int safe_setmetatable(lua_State *L)
 {
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    int n = lua_gettop(L);
-    for (int i = 1; i <= n; i++) {
-        luaL_tolstring(L, i, NULL);
-        luaL_addvalue(&b);
-        if (i < n)
-            luaL_addchar(&b, '\t');
+    if (lua_istable(L, 2)) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_error(L, "setmetatable: __gc (finalizers) is not available to policies");
+        lua_pop(L, 1);
     }
-    luaL_pushresult(&b);
-    log_record_t *r = log_begin(LOG_INFO, "policy print");
-    log_str(r, "text", lua_tostring(L, -1));
-    log_end(r);
-    return 0;
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
 }
 
 static void remove_fields(lua_State *L, const char *table, const char *const *names)
@@ -245,6 +284,7 @@ static void open_safe_libraries(lua_State *L)
     remove_fields(L, LUA_GNAME, base_out);
     remove_fields(L, LUA_OSLIBNAME, os_out);
     remove_fields(L, LUA_STRLIBNAME, string_out);
+    pattern_open(L);
 
     lua_getglobal(L, "load");
     lua_pushcclosure(L, safe_load, 1); /* pops the original load */
@@ -252,8 +292,9 @@ static void open_safe_libraries(lua_State *L)
     lua_getglobal(L, "xpcall");
     lua_pushcclosure(L, safe_xpcall, 1);
     lua_setglobal(L, "xpcall");
-    lua_pushcfunction(L, safe_print);
-    lua_setglobal(L, "print");
+    lua_getglobal(L, "setmetatable");
+    lua_pushcclosure(L, safe_setmetatable, 1);
+    lua_setglobal(L, "setmetatable");
 }
 
 sandbox_t *sandbox_new(const sandbox_limits_t *limits)

@@ -48,6 +48,12 @@ sandbox_t *sandbox_of(lua_State *L);
  * place of the results. */
 sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults);
 
+/* Charges `units` of work done in C on the policy's behalf (pattern
+ * matching) to the call in progress, as if that many instructions ran: raises
+ * the stop when the budget or the time is spent. Outside a call it does
+ * nothing. */
+void sandbox_charge(lua_State *L, uint64_t units);
+
 /* What the last failed call hit, for messages: "instruction limit", ... */
 const char *sandbox_status_name(sandbox_status_t st);
 
