@@ -4,8 +4,9 @@
 --   204        no new data: a success, passed through untouched
 --   400 404 422  the client's mistake: logged, never retried
 --   401        bad credentials: alert, never retried
---   403        "request limit ..." in the message: retried with backoff;
---              any other 403 is a real refusal: alert, pass it on
+--   403        "request limit ..." in the message: retried after Retry-After
+--              (holding every request until then) or with backoff; any
+--              other 403 is a real refusal: alert, pass it on
 --   500 504    "try again later": retried with backoff
 --   502        down or being upgraded: retried with a longer backoff, and an
 --              alert once it keeps happening
@@ -14,14 +15,17 @@
 --   no answer  connection refused, timeout, reset: retried (errord itself
 --              never repeats a POST or PATCH without an Idempotency-Key)
 --
--- errord enforces the rest: settings.attempts, idempotency, the size of a
--- request body it can replay. Copy this file to start your own policy.
+-- errord enforces the rest: attempts, the deadline, the retry budget,
+-- idempotency, the size of a request body it can replay. Copy this file to
+-- start your own policy.
 
 local p = {}
 
 p.settings = {
-  attempts = 3,                              -- the first try included
-  backoff  = { base_ms = 100, max_ms = 5000 },
+  attempts    = 3,                             -- the first try included
+  backoff     = { base_ms = 100, max_ms = 5000 },
+  deadline_ms = 15000,                         -- no retry that would end later
+  budget      = { ratio = 0.2, min_per_s = 5 }, -- retries <= 20% of requests (+5/s)
 }
 
 local function message(res)
@@ -60,9 +64,13 @@ end
 
 p[403] = function(req, res)
   if message(res):lower():find("limit", 1, true) then
+    -- The upstream's request limit. When it says how long to wait, everyone
+    -- waits: new requests are held by errord instead of being sent into the
+    -- limit (a request that cannot wait that long gets 429 + Retry-After).
+    if res.retry_after_ms then errord.cooldown(res.retry_after_ms) end
     if not may_retry(req) then return pass() end
-    -- Retry-After, when the upstream gives one, beats our own backoff.
-    return retry { after = res.retry_after_ms, reason = "request_limit" }
+    -- errord waits Retry-After when there is one, else our backoff
+    return retry { reason = "request_limit" }
   end
   alert { name = "UpstreamForbidden", severity = "warning",
           summary = "upstream refused " .. req.method .. " " .. req.path .. ": " .. message(res) }

@@ -1,6 +1,8 @@
 /* http: HTTP/1.1 messages on the wire (see http.h). */
 #include "http.h"
 
+#include "clock.h"
+
 #include <llhttp.h>
 
 #include <errno.h>
@@ -976,6 +978,24 @@ const http_header_t *http_head_find(const http_head_t *h, const char *name)
         if (name_is(&h->headers[i], name, n))
             return &h->headers[i];
     return NULL;
+}
+
+int64_t http_retry_after_ms(const http_head_t *res, int64_t now_ms)
+{
+    const http_header_t *h = http_head_find(res, "retry-after");
+    if (h == NULL || h->value_len == 0)
+        return -1;
+    int64_t secs = 0;
+    uint32_t i = 0;
+    while (i < h->value_len && h->value[i] >= '0' && h->value[i] <= '9' && secs < 100000000)
+        secs = secs * 10 + (h->value[i++] - '0');
+    if (i == h->value_len)
+        return secs * 1000;
+    time_t t;
+    if (clock_parse_http_date(h->value, h->value_len, &t) < 0)
+        return -1;
+    int64_t delta = (int64_t)t * 1000 - now_ms;
+    return delta > 0 ? delta : 0;
 }
 
 int http_method_idempotent(http_method_t m)

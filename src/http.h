@@ -147,6 +147,11 @@ void http_head_free(http_head_t *h);
 /* The first header field named `name` (case-insensitive), or NULL. */
 const http_header_t *http_head_find(const http_head_t *h, const char *name);
 
+/* Retry-After of a response (delta-seconds or an HTTP-date) as milliseconds
+ * from `now_ms` (wall clock; a date in the past is 0), or -1 when absent or
+ * invalid. */
+int64_t http_retry_after_ms(const http_head_t *res, int64_t now_ms);
+
 /* Whether the comma-separated list in `value` holds `token`
  * (case-insensitive). */
 int http_list_has(const char *value, size_t n, const char *token);

@@ -2,6 +2,7 @@
 #include "lua_api.h"
 
 #include "alert.h"
+#include "budget.h"
 #include "clock.h"
 #include "counter.h"
 #include "log.h"
@@ -20,6 +21,8 @@
 static const char VERDICT_MT = 0, REQ_MT = 0, RES_MT = 0, TEST_COUNTS = 0;
 
 #define JSON_MAX_DEPTH 64
+/* The longest delay retry{} and errord.cooldown() accept: an hour. */
+#define MAX_AFTER_MS 3600000
 
 /* Header values a policy (and so its logs and alerts) never gets to see. */
 static const char *const SECRET_HEADERS[] = {"authorization", "proxy-authorization", "cookie",
@@ -292,6 +295,17 @@ static int l_backoff(lua_State *L)
     return 1;
 }
 
+/* errord.cooldown(ms): the upstream asked everyone to slow down; new
+ * requests and retries are held until then. */
+static int l_cooldown(lua_State *L)
+{
+    lua_Number ms = luaL_checknumber(L, 1);
+    luaL_argcheck(L, ms >= 0 && ms <= MAX_AFTER_MS, 1, "a number of milliseconds, 0 to 3600000");
+    if (!ctx_of(L)->testing)
+        budget_cooldown(clock_now_ms() + (uint64_t)ms);
+    return 0;
+}
+
 static int l_now_ms(lua_State *L)
 {
     lua_pushinteger(L, clock_wall_ms());
@@ -308,6 +322,7 @@ typedef struct {
     int64_t after_ms;
     char reason[VERDICT_REASON_MAX + 1];
     int unsafe;
+    int cooldown;
     int status;
     int has_content_type;
 } lverdict_t;
@@ -374,12 +389,10 @@ static void copy_reason(const char *s, size_t n, char out[VERDICT_REASON_MAX + 1
     out[i] = '\0';
 }
 
-/* The longest delay retry{} accepts: an hour. */
-#define MAX_AFTER_MS 3600000
 
 static int l_retry(lua_State *L)
 {
-    static const char *const fields[] = {"after", "reason", "unsafe", NULL};
+    static const char *const fields[] = {"after", "reason", "unsafe", "cooldown", NULL};
     if (lua_isnoneornil(L, 1)) {
         lua_settop(L, 0);
         lua_newtable(L);
@@ -389,6 +402,7 @@ static int l_retry(lua_State *L)
     lua_getfield(L, 1, "after");
     lua_getfield(L, 1, "reason");
     lua_getfield(L, 1, "unsafe");
+    lua_getfield(L, 1, "cooldown");
     lverdict_t *v = new_verdict(L, VERDICT_RETRY);
     if (!lua_isnil(L, 2)) {
         double after = lua_tonumber(L, 2);
@@ -405,6 +419,7 @@ static int l_retry(lua_State *L)
         copy_reason(r, n, v->reason);
     }
     v->unsafe = lua_toboolean(L, 4);
+    v->cooldown = lua_toboolean(L, 5);
     return 1;
 }
 
@@ -527,6 +542,7 @@ int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t err
     out->after_ms = v->after_ms;
     memcpy(out->reason, v->reason, sizeof out->reason);
     out->unsafe = v->unsafe;
+    out->cooldown = v->cooldown;
     out->status = v->status;
     out->has_content_type = v->has_content_type;
     if (v->kind == VERDICT_RESPOND) {
@@ -817,28 +833,6 @@ static int req_index(lua_State *L)
     return cache(L);
 }
 
-/* Retry-After as milliseconds from now: delta-seconds or an HTTP-date. */
-static int push_retry_after(lua_State *L, const http_head_t *res)
-{
-    const http_header_t *h = http_head_find(res, "retry-after");
-    if (h == NULL || h->value_len == 0)
-        return 0;
-    int64_t secs = 0;
-    uint32_t i = 0;
-    while (i < h->value_len && isdigit((unsigned char)h->value[i]) && secs < 100000000)
-        secs = secs * 10 + (h->value[i++] - '0');
-    if (i == h->value_len) {
-        lua_pushinteger(L, secs * 1000);
-        return 1;
-    }
-    time_t t;
-    if (clock_parse_http_date(h->value, h->value_len, &t) < 0)
-        return 0;
-    int64_t delta = (int64_t)t * 1000 - clock_wall_ms();
-    lua_pushinteger(L, delta > 0 ? delta : 0);
-    return 1;
-}
-
 static int res_index(lua_State *L)
 {
     if (lua_type(L, 2) != LUA_TSTRING)
@@ -862,8 +856,10 @@ static int res_index(lua_State *L)
         if (lua_isnil(L, -1))
             return 1;
     } else if (strcmp(k, "retry_after_ms") == 0) {
-        if (!push_retry_after(L, in->res))
+        int64_t ms = http_retry_after_ms(in->res, clock_wall_ms());
+        if (ms < 0)
             return 0;
+        lua_pushinteger(L, ms);
     } else if (strcmp(k, "elapsed_ms") == 0) {
         lua_pushnumber(L, ms(in->attempt_ns));
     } else {
@@ -957,7 +953,8 @@ void lua_api_open(lua_State *L)
     lua_pop(L, 1);
 
     static const luaL_Reg helpers[] = {
-        {"count", l_count}, {"backoff", l_backoff}, {"now_ms", l_now_ms}, {NULL, NULL},
+        {"count", l_count},   {"backoff", l_backoff}, {"now_ms", l_now_ms},
+        {"cooldown", l_cooldown}, {NULL, NULL},
     };
     static const luaL_Reg json[] = {
         {"encode", l_json_encode}, {"decode", l_json_decode}, {NULL, NULL},

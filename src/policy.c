@@ -41,6 +41,12 @@ static const policy_settings_t DEFAULTS = {
     .backoff_max_ms = 5000,
     .body_limit = 64 * 1024,
     .replay_limit = 1024 * 1024,
+    .deadline_ms = 15000,
+    .try_timeout_ms = 0,
+    .retry_after_max_ms = 60000,
+    .budget_on = 1,
+    .budget_ratio = 0.2,
+    .budget_min_per_s = 5,
     .handler_instructions = 1000000,
     .handler_time_ms = 100,
     .memory_limit = 64 * 1024 * 1024,
@@ -122,9 +128,12 @@ static void setting_int(lua_State *L, int t, const char *where, const char *name
 
 static void read_settings(policy_t *p, lua_State *L, int policy)
 {
-    static const char *const known[] = {"attempts", "backoff", "body_limit", "replay_limit",
-                                        "limits", NULL};
+    static const char *const known[] = {"attempts",       "backoff",           "body_limit",
+                                        "replay_limit",   "limits",            "deadline_ms",
+                                        "try_timeout_ms", "retry_after_max_ms", "budget",
+                                        NULL};
     static const char *const known_backoff[] = {"base_ms", "max_ms", NULL};
+    static const char *const known_budget[] = {"ratio", "min_per_s", NULL};
     static const char *const known_limits[] = {"instructions", "time_ms", "memory_mb", NULL};
     policy_settings_t *s = &p->settings;
     int64_t v;
@@ -147,6 +156,39 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
     v = (int64_t)s->replay_limit;
     setting_int(L, t, "settings", "replay_limit", 0, 1 << 30, &v);
     s->replay_limit = (size_t)v;
+    v = (int64_t)s->deadline_ms;
+    setting_int(L, t, "settings", "deadline_ms", 0, 3600000, &v);
+    s->deadline_ms = (uint64_t)v;
+    v = (int64_t)s->try_timeout_ms;
+    setting_int(L, t, "settings", "try_timeout_ms", 0, 3600000, &v);
+    s->try_timeout_ms = (uint64_t)v;
+    v = (int64_t)s->retry_after_max_ms;
+    setting_int(L, t, "settings", "retry_after_max_ms", 0, 3600000, &v);
+    s->retry_after_max_ms = (uint64_t)v;
+
+    int bt = rawfield(L, t, "budget");
+    if (bt == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+        s->budget_on = 0;
+    } else if (bt == LUA_TTABLE) {
+        int b = lua_gettop(L);
+        check_known(L, b, p->path, "settings.budget", known_budget, 1);
+        rawfield(L, b, "ratio");
+        rawfield(L, b, "min_per_s");
+        if ((!lua_isnil(L, -2) && (!lua_isnumber(L, -2) || lua_tonumber(L, -2) < 0 ||
+                                   lua_tonumber(L, -2) > 100)) ||
+            (!lua_isnil(L, -1) && (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0 ||
+                                   lua_tonumber(L, -1) > 1000000)))
+            luaL_error(L, "settings.budget is { ratio = 0 to 100, min_per_s = 0 or more }, "
+                          "or false");
+        if (!lua_isnil(L, -2))
+            s->budget_ratio = lua_tonumber(L, -2);
+        if (!lua_isnil(L, -1))
+            s->budget_min_per_s = lua_tonumber(L, -1);
+        lua_pop(L, 2);
+    } else if (bt != LUA_TNIL) {
+        luaL_error(L, "settings.budget is { ratio = ..., min_per_s = ... }, or false");
+    }
+    lua_pop(L, 1);
 
     if (rawfield(L, t, "backoff") != LUA_TNIL) {
         int b = lua_gettop(L);

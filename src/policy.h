@@ -27,6 +27,12 @@ typedef struct {
     uint64_t backoff_max_ms;
     size_t body_limit;         /* response bodies up to this are buffered for handlers */
     size_t replay_limit;       /* request bodies up to this are kept for retries */
+    uint64_t deadline_ms;      /* bounds a whole client request; 0: none */
+    uint64_t try_timeout_ms;   /* an attempt's wait for its response; 0: --first-byte-timeout */
+    uint64_t retry_after_max_ms; /* a longer Retry-After is not waited for */
+    int budget_on;             /* settings.budget = false turns it off */
+    double budget_ratio;       /* retries <= ratio x requests + min_per_s x window */
+    double budget_min_per_s;
     uint64_t handler_instructions; /* per handler call */
     uint64_t handler_time_ms;      /* per handler call */
     size_t memory_limit;           /* the Lua state's memory, bytes */
@@ -60,6 +66,7 @@ typedef struct {
     int64_t after_ms; /* -1: not given, use the backoff */
     char reason[VERDICT_REASON_MAX + 1]; /* [a-z0-9_], "" when not given */
     int unsafe;       /* the policy vouches a non-idempotent request may repeat */
+    int cooldown;     /* hold every request for the retry's delay too */
     /* respond */
     int status;
     buf_t headers; /* "Name: value\r\n" lines */
@@ -71,7 +78,7 @@ typedef struct {
     const char *failure;
 } verdict_t;
 
-#define VERDICT_INIT {VERDICT_PASS, -1, "", 0, 0, BUF_INIT, BUF_INIT, 0, NULL}
+#define VERDICT_INIT {VERDICT_PASS, -1, "", 0, 0, 0, BUF_INIT, BUF_INIT, 0, NULL}
 
 /* Loads and checks a policy file. Returns NULL with a message that names the
  * file and line in `err`. Warnings (unknown keys...) are logged. */

@@ -9,6 +9,7 @@
  * never from inside it. */
 #include "proxy.h"
 
+#include "budget.h"
 #include "buf.h"
 #include "clock.h"
 #include "http.h"
@@ -51,6 +52,8 @@ typedef struct {
     const char *failure; /* how the policy handler failed, or NULL */
     char reason[VERDICT_REASON_MAX + 1];
     uint64_t ns;
+    uint64_t held_ms;  /* held by a cooldown before it started */
+    int64_t delay_ms;  /* waited after it before the next attempt, -1: none */
 } attempt_t;
 
 typedef struct {
@@ -70,7 +73,12 @@ typedef struct {
     http_head_t *last_res; /* the last complete real response, kept while retrying */
     buf_t last_body;
     int attempt;         /* the policy's attempt number, 1 for the first */
+    int retries;         /* retries made */
     size_t replay_limit;
+    uint64_t deadline_ns; /* when the request must have its answer; 0: none */
+    uint64_t hold_t0;     /* a cooldown holds the next attempt since then */
+    uint64_t held_ms;     /* ... for this long so far */
+    uint64_t waited_ms;   /* retry delays and holds, in all */
     int status;          /* what the client got */
     const char *error;   /* why the transaction ended badly */
     uint64_t attempt_t0;
@@ -91,6 +99,7 @@ typedef struct {
     unsigned stale_retried : 1;
     unsigned started : 1;     /* the first attempt has begun */
     unsigned holding : 1;     /* the response waits for the policy's verdict */
+    unsigned noted : 1;       /* counted in the retry budget's requests */
     unsigned res_over : 1;    /* ... and its body is larger than body_limit */
 } txn_t;
 
@@ -115,6 +124,8 @@ enum {
     CT_IDLE,   /* keep-alive: no new request for that long */
     CT_SEND,   /* the client must take some of the response by then */
     CT_RETRY,  /* the next attempt starts then */
+    CT_HOLD,   /* a cooldown ends then */
+    CT_DEADLINE, /* the request's deadline */
 };
 
 struct proxy_s {
@@ -207,8 +218,10 @@ static size_t chunk_size_line(char out[24], size_t n)
 
 /* ---- errord's own answers (SPEC §4) ------------------------------------------ */
 
-/* Writes a complete JSON error response to the client. */
-static void write_error(client_t *c, txn_t *t, int status, const char *message, int keep)
+/* Writes a complete JSON error response to the client, with `extra`
+ * header lines ("Name: value\r\n...", or NULL). */
+static void write_error_with(client_t *c, txn_t *t, int status, const char *message, int keep,
+                             const char *extra)
 {
     buf_t body = BUF_INIT;
     buf_lit(&body, "{\"message\":\"");
@@ -222,6 +235,8 @@ static void write_error(client_t *c, txn_t *t, int status, const char *message, 
                status, http_reason(status), body.len, http_date(c->proxy));
     if (t != NULL)
         buf_printf(&out, "X-Request-Id: %s\r\n", t->id);
+    if (extra != NULL)
+        buf_puts(&out, extra);
     if (!keep)
         buf_lit(&out, "Connection: close\r\n");
     else if (t != NULL && t->req->version == 10)
@@ -232,6 +247,11 @@ static void write_error(client_t *c, txn_t *t, int status, const char *message, 
     io_append(&c->io, out.data, out.len);
     buf_free(&out);
     buf_free(&body);
+}
+
+static void write_error(client_t *c, txn_t *t, int status, const char *message, int keep)
+{
+    write_error_with(c, t, status, message, keep, NULL);
 }
 
 /* ---- the access record (SPEC §6) ----------------------------------------------- */
@@ -291,11 +311,21 @@ static void log_access(txn_t *t)
             buf_puts(&a, at->failure);
             buf_lit(&a, "\"");
         }
+        if (at->held_ms > 0) {
+            buf_lit(&a, ",\"held_ms\":");
+            buf_put_u64(&a, at->held_ms);
+        }
+        if (at->delay_ms >= 0) {
+            buf_lit(&a, ",\"delay_ms\":");
+            buf_put_u64(&a, (uint64_t)at->delay_ms);
+        }
         buf_lit(&a, "}");
     }
     buf_lit(&a, "]");
     log_raw(r, "attempts", a.data, a.len);
     buf_free(&a);
+    log_int(r, "retries", t->retries);
+    log_int(r, "waited_ms", (int64_t)t->waited_ms);
     if (t->error != NULL)
         log_str(r, "error", t->error);
     log_end(r);
@@ -315,6 +345,9 @@ static attempt_t *attempt_end(txn_t *t, int status, const char *error)
     a->error = error;
     a->verdict = "pass";
     a->ns = clock_now_ns() - t->attempt_t0;
+    a->held_ms = t->held_ms;
+    a->delay_ms = -1;
+    t->held_ms = 0;
     t->attempt_t0 = 0;
     return a;
 }
@@ -539,9 +572,91 @@ static void on_up_ready(upconn_t *u, int status)
 
 /* Starts an attempt: sends the request on a pooled or new connection.
  * Returns -1 when the transaction ended. */
+static int txn_forward_last(txn_t *t);
+static void on_client_timeout(uv_timer_t *timer);
+
+/* A cooldown runs: hold the attempt until it ends, or, when the request's
+ * deadline comes first, answer now: with an earlier attempt's real response,
+ * else 429 and Retry-After, which an HTTP client already knows to honour.
+ * Returns 1 when held, -1 when the transaction ended, 0 to go ahead. */
+static int txn_hold(txn_t *t)
+{
+    uint64_t now = clock_now_ms(), until = budget_cooldown_until(now);
+    if (until == 0)
+        return 0;
+    client_t *c = t->client;
+    if (t->deadline_ns != 0 && until * 1000000u >= t->deadline_ns) {
+        if (t->last_res != NULL)
+            return txn_forward_last(t);
+        char extra[64];
+        snprintf(extra, sizeof extra, "Retry-After: %llu\r\n",
+                 (unsigned long long)((until - now + 999) / 1000));
+        t->status = 429;
+        t->error = "held by a cooldown past the request's deadline";
+        t->committed = 1;
+        t->keep_alive = client_wants_more(t);
+        write_error_with(c, t, 429, "the upstream asked to slow down; try again later",
+                         t->keep_alive, extra);
+        txn_finish(t);
+        return -1;
+    }
+    if (t->hold_t0 == 0)
+        t->hold_t0 = clock_now_ns();
+    c->timer_mode = CT_HOLD;
+    uv_timer_start(&c->io.timer, on_client_timeout, until - now, 0);
+    return 1;
+}
+
+/* Times the request's deadline while it waits for its answer. */
+static void txn_arm_deadline(txn_t *t)
+{
+    client_t *c = t->client;
+    if (t->deadline_ns == 0 || t->committed || !t->req_done || c->timer_mode == CT_RETRY ||
+        c->timer_mode == CT_HOLD)
+        return;
+    uint64_t now = clock_now_ns();
+    c->timer_mode = CT_DEADLINE;
+    uv_timer_start(&c->io.timer, on_client_timeout,
+                   t->deadline_ns > now ? (t->deadline_ns - now + 999999) / 1000000 : 0, 0);
+}
+
+/* The deadline passed with no answer sent: the attempt in flight is
+ * abandoned; the client gets an earlier attempt's real response, or 504. */
+static void txn_deadline_passed(txn_t *t)
+{
+    if (t->up != NULL || t->attempt_t0 != 0)
+        attempt_end(t, 0, "deadline");
+    txn_release_upstream(t, 0);
+    http_head_free(t->res); /* a response still being read for the policy */
+    t->res = NULL;
+    t->holding = 0;
+    log_record_t *r = log_begin(LOG_WARN, "request deadline passed");
+    log_str(r, "request_id", t->id);
+    log_int(r, "attempt", t->attempt);
+    log_end(r);
+    if (t->last_res != NULL) {
+        txn_forward_last(t);
+        return;
+    }
+    txn_fail(t, 504, "no answer from the upstream before the request's deadline");
+}
+
 static int txn_attempt(txn_t *t, int fresh)
 {
     proxy_t *p = t->client->proxy;
+    int held = txn_hold(t);
+    if (held != 0)
+        return held < 0 ? -1 : 0;
+    if (t->hold_t0 != 0) {
+        uint64_t ms = (clock_now_ns() - t->hold_t0) / 1000000u;
+        t->held_ms += ms;
+        t->waited_ms += ms;
+        t->hold_t0 = 0;
+    }
+    if (!t->noted) {
+        t->noted = 1;
+        budget_note_request(clock_wall_ms());
+    }
     t->attempt_t0 = clock_now_ns();
     t->res_bytes = 0;
     t->body_fwd = 0;
@@ -557,6 +672,15 @@ static int txn_attempt(txn_t *t, int fresh)
         return txn_up_ready(t);
     }
     return 0;
+}
+
+/* How long an attempt waits for its response once the request is sent:
+ * the policy's settings.try_timeout_ms, else --first-byte-timeout. */
+static uint64_t try_timeout(const txn_t *t)
+{
+    if (t->policy != NULL && policy_settings(t->policy)->try_timeout_ms > 0)
+        return policy_settings(t->policy)->try_timeout_ms;
+    return t->client->proxy->cfg->first_byte_timeout;
 }
 
 /* Forwards the request body that has arrived, framed for the upstream. */
@@ -586,7 +710,7 @@ static void txn_pump(txn_t *t)
             io_append(io, "0\r\n\r\n", 5);
         t->end_sent = 1;
         if (t->res == NULL)
-            up_timer(t, t->client->proxy->cfg->first_byte_timeout);
+            up_timer(t, try_timeout(t));
     }
 }
 
@@ -625,26 +749,43 @@ static void txn_send_body(txn_t *t, const char *at, size_t n);
 static void txn_response_done(txn_t *t, int extra_bytes);
 static int txn_respond(txn_t *t, const verdict_t *v);
 static void txn_commit(txn_t *t);
-static void on_client_timeout(uv_timer_t *timer);
 
 static const char *verdict_name(verdict_kind_t k)
 {
     return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
 }
 
-/* Why errord will not make the retry a policy asked for, or NULL. */
-static const char *retry_refusal(const txn_t *t, const verdict_t *v)
+/* Checks the retry a verdict asks for against errord's rules, in order:
+ * attempts, idempotency, the kept body, Retry-After's maximum, the deadline,
+ * then the budget (which counts it). Returns -1 when it may go ahead, with
+ * its delay in *delay_ms, or why it may not. */
+static int retry_check(txn_t *t, const verdict_t *v, uint64_t *delay_ms)
 {
     const policy_settings_t *s = policy_settings(t->policy);
     if (t->attempt >= s->attempts)
-        return "attempts";
+        return REFUSED_ATTEMPTS;
     if (!txn_repeatable(t) && !v->unsafe)
-        return "unsafe";
+        return REFUSED_UNSAFE;
     if (!t->req_done)
-        return "body_incomplete";
+        return REFUSED_BODY_INCOMPLETE;
     if (!t->replayable)
-        return "body_too_large";
-    return NULL;
+        return REFUSED_BODY_TOO_LARGE;
+    int64_t retry_after = t->res != NULL ? http_retry_after_ms(t->res, clock_wall_ms()) : -1;
+    if (v->after_ms >= 0) {
+        *delay_ms = (uint64_t)v->after_ms;
+    } else if (retry_after >= 0) {
+        /* the upstream said when: that beats any backoff of ours */
+        if ((uint64_t)retry_after > s->retry_after_max_ms)
+            return REFUSED_RETRY_AFTER;
+        *delay_ms = (uint64_t)retry_after;
+    } else {
+        *delay_ms = policy_backoff_ms(t->policy, t->attempt);
+    }
+    if (t->deadline_ns != 0 && clock_now_ns() + *delay_ms * 1000000u >= t->deadline_ns)
+        return REFUSED_DEADLINE;
+    if (s->budget_on && !budget_take_retry(s->budget_ratio, s->budget_min_per_s, clock_wall_ms()))
+        return REFUSED_BUDGET;
+    return -1;
 }
 
 static void log_refusal(const txn_t *t, const attempt_t *a, const char *why)
@@ -660,32 +801,49 @@ static void log_refusal(const txn_t *t, const attempt_t *a, const char *why)
     log_end(r);
 }
 
-/* The next attempt waits for the verdict's delay (or the backoff), holding
- * no upstream connection: the client connection's timer counts it down. */
-static void txn_schedule_retry(txn_t *t, const verdict_t *v)
+/* The next attempt waits `delay_ms`, holding no upstream connection: the
+ * client connection's timer counts it down. A complete response is kept,
+ * in case no later attempt gets a real one. */
+static void txn_schedule_retry(txn_t *t, attempt_t *a, const verdict_t *v, uint64_t delay_ms)
 {
-    uint64_t delay = v->after_ms >= 0 ? (uint64_t)v->after_ms
-                                      : policy_backoff_ms(t->policy, t->attempt);
-    http_head_free(t->res);
+    if (t->res != NULL && t->res_done && !t->res_over) {
+        http_head_free(t->last_res);
+        buf_free(&t->last_body);
+        t->last_res = t->res;
+        t->last_body = t->res_body;
+        t->res_body = (buf_t)BUF_INIT;
+    } else {
+        http_head_free(t->res);
+    }
     t->res = NULL;
     buf_clear(&t->res_body);
     t->res_done = t->holding = t->res_over = 0;
+    t->retries++;
+    t->waited_ms += delay_ms;
+    if (a != NULL)
+        a->delay_ms = (int64_t)delay_ms;
+    if (v->cooldown)
+        budget_cooldown(clock_now_ms() + delay_ms); /* everyone waits as long */
     t->client->timer_mode = CT_RETRY;
-    uv_timer_start(&t->client->io.timer, on_client_timeout, delay, 0);
+    uv_timer_start(&t->client->io.timer, on_client_timeout, delay_ms, 0);
 }
 
 /* Makes the retry a verdict asks for, unless errord refuses it (then the
- * refusal goes into the ledger and the log). Returns 1 when scheduled. */
+ * refusal goes into the ledger, the log and the counts). Returns 1 when
+ * scheduled. */
 static int txn_apply_retry(txn_t *t, attempt_t *a, const verdict_t *v)
 {
-    const char *refused = retry_refusal(t, v);
-    if (refused != NULL) {
+    uint64_t delay_ms = 0;
+    int refused = retry_check(t, v, &delay_ms);
+    if (refused >= 0) {
+        const char *why = budget_refusal_name((refusal_t)refused);
+        budget_refused((refusal_t)refused);
         if (a != NULL)
-            a->refused = refused;
-        log_refusal(t, a, refused);
+            a->refused = why;
+        log_refusal(t, a, why);
         return 0;
     }
-    txn_schedule_retry(t, v);
+    txn_schedule_retry(t, a, v, delay_ms);
     return 1;
 }
 
@@ -781,6 +939,8 @@ static void txn_commit(txn_t *t)
 
     t->committed = 1;
     t->status = res->status;
+    if (c->timer_mode == CT_DEADLINE)
+        client_timer(c, CT_NONE); /* the answer has begun: no deadline cuts it */
     buf_lit(&b, "HTTP/1.1 ");
     buf_put_u64(&b, (uint64_t)res->status);
     buf_lit(&b, " ");
@@ -935,15 +1095,6 @@ static int txn_decide(txn_t *t, int extra_bytes)
     note_verdict(a, &v);
     if (v.kind == VERDICT_RETRY) {
         int reusable = response_reusable(t, extra_bytes);
-        if (retry_refusal(t, &v) == NULL && !t->res_over && t->res_done) {
-            /* A complete answer is kept, for when no later attempt gets one. */
-            http_head_free(t->last_res);
-            buf_free(&t->last_body);
-            t->last_res = t->res;
-            t->last_body = t->res_body;
-            t->res = NULL;
-            t->res_body = (buf_t)BUF_INIT;
-        }
         if (txn_apply_retry(t, a, &v)) {
             verdict_reset(&v);
             txn_release_upstream(t, reusable);
@@ -1124,6 +1275,18 @@ static int on_req_head(void *ud, http_head_t *head)
         t->replay_limit = policy_settings(t->policy)->replay_limit;
     }
     t->replayable = head->content_length <= (int64_t)t->replay_limit;
+    /* the deadline: X-Request-Timeout (500, 500ms, 2s...), else the policy's */
+    uint64_t deadline_ms = t->policy != NULL ? policy_settings(t->policy)->deadline_ms : 0;
+    const http_header_t *rt = http_head_find(head, "x-request-timeout");
+    if (rt != NULL && rt->value_len > 0 && rt->value_len < 32) {
+        char v[32];
+        uint64_t ms;
+        memcpy(v, rt->value, rt->value_len);
+        v[rt->value_len] = '\0';
+        if (config_parse_duration(v, &ms) == 0 && ms > 0)
+            deadline_ms = ms < 3600000 ? ms : 3600000;
+    }
+    t->deadline_ns = deadline_ms ? t->t0 + deadline_ms * 1000000u : 0;
     c->txn = t;
     request_id(t, p);
 
@@ -1195,12 +1358,20 @@ static void on_client_timeout(uv_timer_t *timer)
         client_abort(c, "client stopped reading the response");
         return;
     }
-    if (c->timer_mode == CT_RETRY) {
+    if (c->timer_mode == CT_RETRY || c->timer_mode == CT_HOLD) {
         txn_t *t = c->txn;
+        if (c->timer_mode == CT_RETRY)
+            t->attempt++;
         c->timer_mode = CT_NONE;
-        t->attempt++;
-        if (txn_attempt(t, 0) == 0)
+        if (txn_attempt(t, 0) == 0 && c->txn == t) {
+            txn_arm_deadline(t);
             txn_flush(t);
+        }
+        return;
+    }
+    if (c->timer_mode == CT_DEADLINE) {
+        c->timer_mode = CT_NONE;
+        txn_deadline_passed(c->txn);
         return;
     }
     if (c->txn != NULL) {
@@ -1280,7 +1451,8 @@ static void client_feed(client_t *c, const char *data, size_t n)
             client_timer(c, CT_HEADER);
         return;
     }
-    client_timer(c, t->req_done ? CT_NONE : CT_BODY);
+    if (c->timer_mode != CT_HOLD)
+        client_timer(c, t->req_done ? CT_NONE : CT_BODY);
     if (!t->started) {
         t->started = 1;
         if (txn_attempt(t, 0) < 0)
@@ -1288,6 +1460,7 @@ static void client_feed(client_t *c, const char *data, size_t n)
     } else {
         txn_pump(t);
     }
+    txn_arm_deadline(t);
     if (txn_flush(t) == 0)
         txn_body_backpressure(t);
 }
