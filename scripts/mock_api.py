@@ -23,6 +23,7 @@ or chunked; POST/PUT/PATCH successes report the body's length and sha256):
   *    /status/<code>          that status, reference wording (?retry_after=V adds
                                Retry-After); a 1xx is sent as interim before a 200
   *    /flaky?p=0.3            500/502/504 with probability p, else 200
+                               (&code=502: that status only)
   *    /flaky?fail=N&key=K     the first N requests for key K get 502, then 200
   *    /slow?ms=N              waits N ms (at most 60000), then 200
   *    /echo                   200, echoes method, path, headers and body digest
@@ -334,8 +335,11 @@ class Handler(BaseHTTPRequestHandler):
         if not 0 <= p <= 1:
             raise ApiError(400, "Invalid parameter: p must be a number between 0 and 1")
         if random.random() < p:
-            status = random.choice((500, 502, 504))
-            raise ApiError(status, MESSAGES[status])
+            codes = (500, 502, 504)
+            if "code" in query:
+                codes = (int_param(query, "code", 502, 500, 599),)
+            status = random.choice(codes)
+            raise ApiError(status, MESSAGES.get(status, message_for(status)))
         self.ok({"ok": True})
 
     def route_slow(self, query):
