@@ -8,8 +8,8 @@
 --              (holding every request until then) or with backoff; any
 --              other 403 is a real refusal: alert, pass it on
 --   500 504    "try again later": retried with backoff
---   502        down or being upgraded: retried with a longer backoff, and an
---              alert once it keeps happening
+--   502        down or being upgraded: retried at once, then with a longer
+--              backoff, and an alert once it keeps happening
 --   (retries are for blips, not outages: an endpoint whose retries keep
 --    failing is not retried for a while; see may_retry below)
 --   no answer  connection refused, timeout, reset: retried (errord itself
@@ -92,7 +92,11 @@ p[502] = function(req, res)
             summary = "over 10 responses 502 from the upstream in the last minute" }
   end
   if not may_retry(req) then return pass() end
-  return retry { after = errord.backoff(req.attempt + 2), reason = "upstream_down" }
+  -- The first retry goes at once: behind the API a load balancer likely
+  -- sends it to an instance that is up. Later ones back off, four times
+  -- longer than for a 500.
+  local after = req.attempt == 1 and 0 or errord.backoff(req.attempt + 2)
+  return retry { after = after, reason = "upstream_down" }
 end
 
 p.error = function(req, err)
