@@ -14,6 +14,8 @@ typedef struct alert_s {
     char *name;
     char *severity;
     char *summary;
+    alert_label_t *labels;
+    size_t n_labels;
     int64_t count;
     int64_t first_ms;
     int64_t last_ms;
@@ -33,8 +35,34 @@ static int set_str(char **field, const char *value)
     return 0;
 }
 
+static void free_labels(alert_label_t *l, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free((char *)l[i].key);
+        free((char *)l[i].value);
+    }
+    free(l);
+}
+
+static alert_label_t *copy_labels(const alert_label_t *l, size_t n)
+{
+    alert_label_t *out = calloc(n + 1, sizeof *out);
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        out[i].key = strdup(l[i].key);
+        out[i].value = strdup(l[i].value);
+        if (out[i].key == NULL || out[i].value == NULL) {
+            free_labels(out, i + 1);
+            return NULL;
+        }
+    }
+    return out;
+}
+
 static void alert_free(alert_t *a)
 {
+    free_labels(a->labels, a->n_labels);
     free(a->key);
     free(a->name);
     free(a->severity);
@@ -59,11 +87,13 @@ int64_t alert_fire(const alert_event_t *ev, int64_t now_ms)
         a = a->next;
     if (a == NULL) {
         a = calloc(1, sizeof *a);
-        if (a == NULL || set_str(&a->name, ev->name) < 0) {
+        if (a == NULL || set_str(&a->name, ev->name) < 0 ||
+            (a->labels = copy_labels(ev->labels, ev->n_labels)) == NULL) {
             if (a != NULL)
                 alert_free(a);
             goto out;
         }
+        a->n_labels = ev->n_labels;
         a->key = key.data;
         a->key_len = key.len;
         key = (buf_t)BUF_INIT;
@@ -88,6 +118,80 @@ size_t alert_count(void)
     size_t n = n_alerts;
     pthread_mutex_unlock(&lock);
     return n;
+}
+
+static int info_of(const alert_t *a, alert_info_t *out)
+{
+    memset(out, 0, sizeof *out);
+    out->key = malloc(a->key_len);
+    out->name = strdup(a->name);
+    out->severity = strdup(a->severity ? a->severity : "");
+    out->summary = strdup(a->summary ? a->summary : "");
+    out->labels = copy_labels(a->labels, a->n_labels);
+    if (out->key == NULL || out->name == NULL || out->severity == NULL || out->summary == NULL ||
+        out->labels == NULL)
+        return -1;
+    memcpy(out->key, a->key, a->key_len);
+    out->key_len = a->key_len;
+    out->n_labels = a->n_labels;
+    out->count = a->count;
+    out->first_ms = a->first_ms;
+    out->last_ms = a->last_ms;
+    return 0;
+}
+
+void alert_snapshot_free(alert_info_t *a, size_t n)
+{
+    for (size_t i = 0; i < n && a != NULL; i++) {
+        free(a[i].key);
+        free(a[i].name);
+        free(a[i].severity);
+        free(a[i].summary);
+        free_labels(a[i].labels, a[i].n_labels);
+    }
+    free(a);
+}
+
+int alert_snapshot(alert_info_t **out, size_t *n)
+{
+    int rc = 0;
+    pthread_mutex_lock(&lock);
+    alert_info_t *arr = calloc(n_alerts + 1, sizeof *arr);
+    size_t i = 0;
+    for (alert_t *a = alerts; arr != NULL && a != NULL; a = a->next, i++) {
+        if (info_of(a, &arr[i]) < 0) {
+            alert_snapshot_free(arr, i + 1);
+            arr = NULL;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    if (arr == NULL) {
+        rc = -12; /* -ENOMEM */
+        i = 0;
+    }
+    *out = arr;
+    *n = i;
+    return rc;
+}
+
+int alert_remove_if_quiet(const char *key, size_t len, int64_t last_ms)
+{
+    int removed = 0;
+    pthread_mutex_lock(&lock);
+    for (alert_t **pp = &alerts; *pp != NULL; pp = &(*pp)->next) {
+        alert_t *a = *pp;
+        if (a->key_len == len && memcmp(a->key, key, len) == 0) {
+            if (a->last_ms == last_ms) {
+                *pp = a->next;
+                alert_free(a);
+                n_alerts--;
+                removed = 1;
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return removed;
 }
 
 void alert_reset(void)

@@ -31,6 +31,8 @@ static const option_t OPTIONS[] = {
         "the API errord forwards to, http://HOST[:PORT] (required)"),
     OPT("policy", "ERRORD_POLICY", OPT_STR, policy, NULL, "FILE",
         "the Lua policy (default: lua/default.lua of the install; off: none)"),
+    OPT("admin", "ERRORD_ADMIN", OPT_STR, admin, "127.0.0.1:9901", "ADDR:PORT",
+        "the admin port (/healthz, /alerts...); off: none"),
     OPT("workers", "ERRORD_WORKERS", OPT_COUNT, workers, "1", "N",
         "event loops, each on its own thread"),
     OPT("log-level", "ERRORD_LOG_LEVEL", OPT_STR, log_level_name, "info", "LEVEL",
@@ -305,6 +307,12 @@ static int check(config_t *c, char *err, size_t errlen)
 {
     if (config_parse_addr(c->listen, &c->listen_addr) < 0) {
         errf(err, errlen, "--listen %s: expected ADDR:PORT, such as 127.0.0.1:8080", c->listen);
+        return -1;
+    }
+    c->admin_enabled = strcmp(c->admin, "off") != 0;
+    if (c->admin_enabled && config_parse_addr(c->admin, &c->admin_addr) < 0) {
+        errf(err, errlen, "--admin %s: expected ADDR:PORT, such as 127.0.0.1:9901, or off",
+             c->admin);
         return -1;
     }
     if (c->upstream == NULL || c->upstream[0] == '\0') {

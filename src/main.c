@@ -5,11 +5,13 @@
  * (signals, the drain timer); the others have a thread each.
  * SIGTERM or SIGINT drains the workers, bounded by --drain-timeout; errord
  * then exits 0. */
+#include "admin.h"
 #include "config.h"
 #include "http.h"
 #include "log.h"
 #include "policy.h"
 #include "proxy.h"
+#include "sink.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -50,6 +52,9 @@ typedef struct {
     config_t cfg;
     proxy_shared_t shared;
     char *policy_path; /* resolved; NULL when running without a policy */
+    policy_t *policy;  /* the main thread's instance: settings, alert sinks */
+    sinks_t *sinks;
+    admin_t *admin;
 } control_t;
 
 static control_t control;
@@ -113,11 +118,22 @@ static void on_signal(uv_signal_t *s, int signum)
     tell_workers(CMD_DRAIN);
 }
 
+/* How long pending alerts may take to go out when errord stops. */
+#define ALERT_FLUSH_MS 5000
+
 static void on_worker_done(uv_async_t *a)
 {
     (void)a;
     if (atomic_load(&control.n_done) < control.n_workers)
         return;
+    /* The proxies are done, so every alert is in: flush them, then stop. */
+    if (control.sinks != NULL) {
+        uint64_t flush = control.cfg.drain_timeout < ALERT_FLUSH_MS ? control.cfg.drain_timeout
+                                                                    : ALERT_FLUSH_MS;
+        sinks_close(control.sinks, flush, NULL, NULL);
+    }
+    if (control.admin != NULL)
+        admin_close(control.admin, NULL, NULL);
     uv_close((uv_handle_t *)&control.sigterm, NULL);
     uv_close((uv_handle_t *)&control.sigint, NULL);
     uv_close((uv_handle_t *)&control.drain_timer, NULL);
@@ -180,13 +196,52 @@ static int check_policy(void)
         return -1;
     }
     int failed = policy_run_tests(p, report_test, NULL, err, sizeof err);
-    policy_release(p);
+    if (failed == 0)
+        control.policy = p; /* kept: its settings configure the alert sinks */
+    else
+        policy_release(p);
     if (failed < 0)
         fprintf(stderr, "errord: invalid policy: %s: %s\n", control.policy_path, err);
     else if (failed > 0)
         fprintf(stderr, "errord: %s: %d policy test%s failed\n", control.policy_path, failed,
                 failed == 1 ? "" : "s");
     return failed == 0 ? 0 : -1;
+}
+
+static void alerts_json(void *arg, buf_t *out)
+{
+    sinks_state_json(arg, out);
+}
+
+/* The main loop's own services: alert delivery and the admin port. */
+static int start_control(void)
+{
+    char admin_addr[64], generator[128];
+    const char *gen = NULL;
+    if (control.cfg.admin_enabled) {
+        admin_sources_t src = {alerts_json, NULL};
+        int rc;
+        control.admin = admin_start(control.loop, &control.cfg, &src, &rc);
+        if (control.admin == NULL) {
+            fprintf(stderr, "errord: cannot listen on the admin port %s: %s\n",
+                    control.cfg.admin, uv_strerror(rc));
+            return -1;
+        }
+        admin_address(control.admin, admin_addr, sizeof admin_addr);
+        snprintf(generator, sizeof generator, "http://%s/alerts", admin_addr);
+        gen = generator;
+    }
+    static const policy_settings_t no_sinks = {0};
+    const policy_settings_t *settings =
+        control.policy != NULL ? policy_settings(control.policy) : &no_sinks;
+    control.sinks = sinks_new(control.loop, settings, control.cfg.upstream, gen);
+    if (control.sinks == NULL) {
+        fprintf(stderr, "errord: out of memory\n");
+        return -1;
+    }
+    if (control.admin != NULL)
+        admin_set_arg(control.admin, control.sinks);
+    return 0;
 }
 
 /* Lets errord hold as many sockets as the hard limit allows. */
@@ -340,6 +395,21 @@ int main(int argc, char **argv)
         return 1;
     }
 
+    if (start_control() < 0) {
+        /* nothing has run yet: close what exists and stop */
+        tell_workers(CMD_ABORT);
+        stop_workers();
+        uv_walk(control.loop, on_close_walk, NULL);
+        uv_run(control.loop, UV_RUN_DEFAULT);
+        uv_loop_close(control.loop);
+        free_workers();
+        sinks_free(control.sinks);
+        policy_release(control.policy);
+        free(control.policy_path);
+        config_free(&control.cfg);
+        return 1;
+    }
+
     uv_signal_init(control.loop, &control.sigterm);
     uv_signal_init(control.loop, &control.sigint);
     uv_signal_start(&control.sigterm, on_signal, SIGTERM);
@@ -354,6 +424,10 @@ int main(int argc, char **argv)
     log_str(r, "listen", addr);
     log_str(r, "upstream", control.cfg.upstream);
     log_str(r, "policy", control.policy_path ? control.policy_path : "off");
+    char admin_addr[64] = "off";
+    if (control.admin != NULL)
+        admin_address(control.admin, admin_addr, sizeof admin_addr);
+    log_str(r, "admin", admin_addr);
     log_int(r, "workers", control.cfg.workers);
     log_int(r, "pid", getpid());
     log_end(r);
@@ -364,6 +438,9 @@ int main(int argc, char **argv)
     stop_workers();
     uv_loop_close(control.loop);
     free_workers();
+    admin_free(control.admin);
+    sinks_free(control.sinks);
+    policy_release(control.policy);
     log_msgf(LOG_INFO, "errord stopped");
     free(control.policy_path);
     config_free(&control.cfg);

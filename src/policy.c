@@ -47,6 +47,8 @@ static const policy_settings_t DEFAULTS = {
     .budget_on = 1,
     .budget_ratio = 0.2,
     .budget_min_per_s = 5,
+    .resolve_after_ms = 300000,
+    .repeat_ms = 60000,
     .handler_instructions = 1000000,
     .handler_time_ms = 100,
     .memory_limit = 64 * 1024 * 1024,
@@ -126,11 +128,103 @@ static void setting_int(lua_State *L, int t, const char *where, const char *name
     lua_pop(L, 1);
 }
 
+static char *copy_string(lua_State *L, const char *s)
+{
+    char *c = strdup(s);
+    if (c == NULL)
+        luaL_error(L, "out of memory");
+    return c;
+}
+
+/* settings.alerts: a list of { kind = ..., url = ..., ... }. */
+static void read_sinks(policy_t *p, lua_State *L, int t)
+{
+    static const char *const known[] = {"kind", "url", "headers", "routing_key", "rate_per_min",
+                                        "queue", "timeout_ms", NULL};
+    static const char *const kinds[] = {"alertmanager", "webhook", "slack", "pagerduty", NULL};
+    if (!lua_istable(L, t))
+        luaL_error(L, "settings.alerts must be a list of { kind = ..., url = ... }");
+    luaL_checkstack(L, 16, "settings.alerts");
+    size_t n = (size_t)lua_rawlen(L, t);
+    if (n > 32)
+        luaL_error(L, "settings.alerts: at most 32 sinks");
+    policy_settings_t *s = &p->settings;
+    s->sinks = calloc(n + 1, sizeof *s->sinks);
+    if (s->sinks == NULL)
+        luaL_error(L, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        char where[48];
+        snprintf(where, sizeof where, "settings.alerts[%zu]", i + 1);
+        lua_rawgeti(L, t, (lua_Integer)i + 1);
+        int e = lua_gettop(L);
+        if (!lua_istable(L, e))
+            luaL_error(L, "%s must be a table { kind = ..., url = ... }", where);
+        check_known(L, e, p->path, where, known, 0);
+        policy_sink_t *k = &s->sinks[i];
+        s->n_sinks = i + 1; /* owned from here on, for policy_release */
+        k->rate_per_min = 60;
+        k->queue = 256;
+        k->timeout_ms = 5000;
+        if (rawfield(L, e, "kind") != LUA_TSTRING)
+            luaL_error(L, "%s.kind must be alertmanager, webhook, slack or pagerduty", where);
+        int kind = -1;
+        for (int j = 0; kinds[j] != NULL; j++)
+            if (strcmp(lua_tostring(L, -1), kinds[j]) == 0)
+                kind = j;
+        if (kind < 0)
+            luaL_error(L, "%s.kind must be alertmanager, webhook, slack or pagerduty", where);
+        k->kind = (sink_kind_t)kind;
+        if (rawfield(L, e, "url") != LUA_TSTRING ||
+            (strncmp(lua_tostring(L, -1), "http://", 7) != 0 &&
+             strncmp(lua_tostring(L, -1), "https://", 8) != 0))
+            luaL_error(L, "%s.url must be an http:// or https:// URL", where);
+        k->url = copy_string(L, lua_tostring(L, -1));
+        if (rawfield(L, e, "routing_key") == LUA_TSTRING)
+            k->routing_key = copy_string(L, lua_tostring(L, -1));
+        else if (k->kind == SINK_PAGERDUTY)
+            luaL_error(L, "%s: a pagerduty sink needs routing_key", where);
+        if (rawfield(L, e, "headers") != LUA_TNIL) {
+            int hdr = lua_gettop(L);
+            if (!lua_istable(L, hdr))
+                luaL_error(L, "%s.headers must map names to strings", where);
+            buf_t b = BUF_INIT;
+            lua_pushnil(L);
+            while (lua_next(L, hdr) != 0) {
+                const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+                const char *val = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+                int ok = name != NULL && val != NULL && name[0] != '\0';
+                for (const char *c = name; ok && *c; c++)
+                    ok = (*c > 0x20 && *c < 0x7f && *c != ':');
+                for (const char *c = val; ok && *c; c++)
+                    ok = (*c >= 0x20 && *c != 0x7f) || *c == '\t';
+                if (!ok) {
+                    buf_free(&b);
+                    luaL_error(L, "%s.headers: names and values must be valid header text", where);
+                }
+                buf_printf(&b, "%s: %s\r\n", name, val);
+                lua_pop(L, 1);
+            }
+            k->headers = b.data; /* owned; NULL when empty */
+        }
+        int64_t v = k->rate_per_min;
+        setting_int(L, e, where, "rate_per_min", 1, 100000, &v);
+        k->rate_per_min = (int)v;
+        v = k->queue;
+        setting_int(L, e, where, "queue", 1, 100000, &v);
+        k->queue = (int)v;
+        v = (int64_t)k->timeout_ms;
+        setting_int(L, e, where, "timeout_ms", 10, 600000, &v);
+        k->timeout_ms = (uint64_t)v;
+        lua_settop(L, e - 1);
+    }
+}
+
 static void read_settings(policy_t *p, lua_State *L, int policy)
 {
     static const char *const known[] = {"attempts",       "backoff",           "body_limit",
                                         "replay_limit",   "limits",            "deadline_ms",
                                         "try_timeout_ms", "retry_after_max_ms", "budget",
+                                        "alerts",         "resolve_after_ms",  "repeat_ms",
                                         NULL};
     static const char *const known_backoff[] = {"base_ms", "max_ms", NULL};
     static const char *const known_budget[] = {"ratio", "min_per_s", NULL};
@@ -165,6 +259,16 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
     v = (int64_t)s->retry_after_max_ms;
     setting_int(L, t, "settings", "retry_after_max_ms", 0, 3600000, &v);
     s->retry_after_max_ms = (uint64_t)v;
+
+    v = (int64_t)s->resolve_after_ms;
+    setting_int(L, t, "settings", "resolve_after_ms", 100, 86400000, &v);
+    s->resolve_after_ms = (uint64_t)v;
+    v = (int64_t)s->repeat_ms;
+    setting_int(L, t, "settings", "repeat_ms", 100, 86400000, &v);
+    s->repeat_ms = (uint64_t)v;
+    if (rawfield(L, t, "alerts") != LUA_TNIL)
+        read_sinks(p, L, lua_gettop(L));
+    lua_pop(L, 1);
 
     int bt = rawfield(L, t, "budget");
     if (bt == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
@@ -813,6 +917,12 @@ void policy_release(policy_t *p)
 {
     if (p == NULL || --p->refs > 0)
         return;
+    for (size_t i = 0; i < p->settings.n_sinks; i++) {
+        free(p->settings.sinks[i].url);
+        free(p->settings.sinks[i].headers);
+        free(p->settings.sinks[i].routing_key);
+    }
+    free(p->settings.sinks);
     sandbox_free(p->sandbox);
     buf_free(&p->ctx.test_alerts);
     free(p->path);

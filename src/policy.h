@@ -20,6 +20,19 @@
 
 typedef struct policy_s policy_t;
 
+/* One alert sink from settings.alerts. */
+typedef enum { SINK_ALERTMANAGER, SINK_WEBHOOK, SINK_SLACK, SINK_PAGERDUTY } sink_kind_t;
+
+typedef struct {
+    sink_kind_t kind;
+    char *url;
+    char *headers;     /* extra header lines for a webhook, "Name: value\r\n", or NULL */
+    char *routing_key; /* PagerDuty's integration key */
+    int rate_per_min;  /* deliveries a minute at most */
+    int queue;         /* deliveries kept waiting at most; the oldest go first */
+    uint64_t timeout_ms;
+} policy_sink_t;
+
 /* settings = { ... } of the policy file, with errord's defaults. */
 typedef struct {
     int attempts;              /* tries per client request, the first included */
@@ -33,6 +46,10 @@ typedef struct {
     int budget_on;             /* settings.budget = false turns it off */
     double budget_ratio;       /* retries <= ratio x requests + min_per_s x window */
     double budget_min_per_s;
+    policy_sink_t *sinks;      /* settings.alerts */
+    size_t n_sinks;
+    uint64_t resolve_after_ms; /* an alert quiet this long is resolved */
+    uint64_t repeat_ms;        /* firing alerts are sent to Alertmanager again this often */
     uint64_t handler_instructions; /* per handler call */
     uint64_t handler_time_ms;      /* per handler call */
     size_t memory_limit;           /* the Lua state's memory, bytes */

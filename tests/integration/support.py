@@ -42,6 +42,10 @@ class Errord:
         if not any(a == "--policy" or a.startswith("--policy=") for a in args) and \
                 "ERRORD_POLICY" not in (env or {}):
             args = ("--policy", "off", *args)
+        # The admin port on a free port, unless the test chooses.
+        if not any(a == "--admin" or a.startswith("--admin=") for a in args) and \
+                "ERRORD_ADMIN" not in (env or {}):
+            args = ("--admin", "127.0.0.1:0", *args)
         self.cmd = [ERRORD, "--listen", listen, "--upstream", upstream, *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ERRORD_")}
         full_env.update(env or {})
@@ -67,6 +71,7 @@ class Errord:
                 self.stop(check=False)
                 raise RuntimeError("errord did not start: %s\n%s" % (started, "".join(self.stderr)))
             self.port = int(rec["listen"].rsplit(":", 1)[1])
+            self.admin_port = int(rec["admin"].rsplit(":", 1)[1]) if rec.get("admin", "off") != "off" else None
 
     def _read(self, pipe, is_stdout):
         for raw in iter(pipe.readline, b""):
@@ -87,6 +92,21 @@ class Errord:
     @property
     def url(self):
         return "http://127.0.0.1:%d" % self.port
+
+    def admin(self, path, method="GET", body=None, headers=None):
+        """(status, parsed JSON or text) of an admin-port request."""
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10 * SLOW)
+        try:
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            data = r.read()
+            try:
+                return r.status, json.loads(data)
+            except ValueError:
+                return r.status, data.decode("utf-8", "replace")
+        finally:
+            c.close()
 
     def find(self, **match):
         """The first log record whose fields equal `match`, or None."""

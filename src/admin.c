@@ -1,0 +1,273 @@
+/* admin: the admin port (see admin.h). One request per connection, answered
+ * and closed: the admin port serves operators and scrapers, not traffic. */
+#include "admin.h"
+
+#include "clock.h"
+#include "http.h"
+#include "io.h"
+#include "list.h"
+#include "log.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ADMIN_TIMEOUT_MS 10000
+
+struct admin_s {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    admin_sources_t src;
+    http_limits_t limits;
+    list_t conns;
+    int closing;
+    void (*done)(void *arg);
+    void *done_arg;
+};
+
+typedef struct {
+    io_t io;
+    admin_t *admin;
+    list_t link;
+    http_parser_t *parser;
+    http_head_t *req;
+    int answered;
+} conn_t;
+
+static void maybe_done(admin_t *a)
+{
+    if (a->closing && list_empty(&a->conns) && uv_is_closing((uv_handle_t *)&a->listener) &&
+        a->done != NULL) {
+        void (*done)(void *) = a->done;
+        a->done = NULL;
+        done(a->done_arg);
+    }
+}
+
+static void on_conn_closed(io_t *io)
+{
+    conn_t *c = io->owner;
+    admin_t *a = c->admin;
+    list_remove(&c->link);
+    http_parser_free(c->parser);
+    http_head_free(c->req);
+    free(c);
+    maybe_done(a);
+}
+
+static void respond(conn_t *c, int status, const char *type, const char *body, size_t len)
+{
+    char date[32];
+    clock_http_date(time(NULL), date);
+    buf_t b = BUF_INIT;
+    buf_printf(&b,
+               "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nDate: %s\r\n"
+               "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+               status, http_reason(status), type, len, date);
+    if (c->req == NULL || c->req->method != HTTP_M_HEAD)
+        buf_append(&b, body, len);
+    io_append(&c->io, b.data, b.len);
+    buf_free(&b);
+    c->answered = 1;
+    io_close_after_flush(&c->io, 1000);
+}
+
+static void respond_json(conn_t *c, int status, const char *message)
+{
+    buf_t b = BUF_INIT;
+    buf_lit(&b, "{\"message\":\"");
+    buf_json_escape(&b, message, strlen(message));
+    buf_lit(&b, "\"}\n");
+    respond(c, status, "application/json", b.data, b.len);
+    buf_free(&b);
+}
+
+static int path_is(const http_head_t *h, const char *path)
+{
+    size_t n = strlen(path), len = 0;
+    while (len < h->target_len && h->target[len] != '?')
+        len++;
+    return len == n && memcmp(h->target, path, n) == 0;
+}
+
+static void route(conn_t *c)
+{
+    admin_t *a = c->admin;
+    const http_head_t *h = c->req;
+    int get = h->method == HTTP_M_GET || h->method == HTTP_M_HEAD;
+    buf_t b = BUF_INIT;
+    if (path_is(h, "/healthz") && get) {
+        buf_lit(&b, "{\"status\":\"ok\"}\n");
+        respond(c, 200, "application/json", b.data, b.len);
+    } else if (path_is(h, "/alerts") && get) {
+        if (a->src.alerts != NULL)
+            a->src.alerts(a->src.arg, &b);
+        else
+            buf_lit(&b, "{\"alerts\":[],\"sinks\":[]}\n");
+        respond(c, 200, "application/json", b.data, b.len);
+    } else if (path_is(h, "/healthz") || path_is(h, "/alerts")) {
+        respond_json(c, 405, "use GET");
+    } else {
+        respond_json(c, 404, "no such admin route");
+    }
+    buf_free(&b);
+}
+
+static int on_head(void *ud, http_head_t *head)
+{
+    conn_t *c = ud;
+    c->req = head;
+    return 0;
+}
+
+static int on_body(void *ud, const char *at, size_t n)
+{
+    (void)ud;
+    (void)at;
+    (void)n;
+    return 0;
+}
+
+static int on_end(void *ud)
+{
+    (void)ud;
+    return 0;
+}
+
+static const http_handler_t HANDLER = {on_head, on_body, on_end};
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+{
+    (void)h;
+    (void)suggested;
+    static _Thread_local char buf[16384];
+    *b = uv_buf_init(buf, sizeof buf);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    conn_t *c = ((io_t *)s->data)->owner;
+    if (nread == 0 || c->answered)
+        return;
+    if (nread < 0) {
+        io_close(&c->io);
+        return;
+    }
+    if (http_parser_feed(c->parser, b->base, (size_t)nread) < 0) {
+        const http_error_t *e = http_parser_error(c->parser);
+        respond_json(c, e->status ? e->status : 400, e->message);
+        return;
+    }
+    if (http_parser_ended(c->parser))
+        route(c);
+}
+
+static void on_timeout(uv_timer_t *t)
+{
+    io_close(t->data);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    admin_t *a = server->data;
+    if (status < 0 || a->closing)
+        return;
+    conn_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return;
+    c->admin = a;
+    list_init(&c->link);
+    io_init(a->loop, &c->io, c);
+    c->io.on_closed = on_conn_closed;
+    list_push_back(&a->conns, &c->link);
+    c->parser = http_parser_new(HTTP_PARSE_REQUEST, &a->limits, &HANDLER, c);
+    if (c->parser == NULL || uv_accept(server, (uv_stream_t *)&c->io.tcp) < 0 ||
+        uv_read_start((uv_stream_t *)&c->io.tcp, on_alloc, on_read) < 0) {
+        io_close(&c->io);
+        return;
+    }
+    uv_timer_start(&c->io.timer, on_timeout, ADMIN_TIMEOUT_MS, 0);
+}
+
+static void on_failed_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, const admin_sources_t *sources,
+                     int *err)
+{
+    admin_t *a = calloc(1, sizeof *a);
+    if (a == NULL) {
+        *err = UV_ENOMEM;
+        return NULL;
+    }
+    a->loop = loop;
+    a->src = *sources;
+    a->limits.max_line = 8192;
+    a->limits.max_head = 65536;
+    list_init(&a->conns);
+    uv_tcp_init(loop, &a->listener);
+    a->listener.data = a;
+    int rc = uv_tcp_bind(&a->listener, (const struct sockaddr *)&cfg->admin_addr, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&a->listener, 64, on_connection);
+    if (rc < 0) {
+        *err = rc;
+        uv_close((uv_handle_t *)&a->listener, on_failed_closed); /* frees it */
+        return NULL;
+    }
+    *err = 0;
+    return a;
+}
+
+void admin_set_arg(admin_t *a, void *arg)
+{
+    a->src.arg = arg;
+}
+
+int admin_address(admin_t *a, char *out, size_t n)
+{
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    char ip[INET6_ADDRSTRLEN];
+    int rc = uv_tcp_getsockname(&a->listener, (struct sockaddr *)&ss, &len);
+    if (rc < 0)
+        return rc;
+    if (ss.ss_family == AF_INET6) {
+        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+        snprintf(out, n, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+    } else {
+        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+        snprintf(out, n, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+    }
+    return 0;
+}
+
+static void on_listener_closed(uv_handle_t *h)
+{
+    maybe_done(h->data);
+}
+
+void admin_close(admin_t *a, void (*done)(void *arg), void *arg)
+{
+    a->closing = 1;
+    a->done = done;
+    a->done_arg = arg;
+    if (!uv_is_closing((uv_handle_t *)&a->listener))
+        uv_close((uv_handle_t *)&a->listener, on_listener_closed);
+    list_t *pos, *tmp;
+    list_for_each_safe(pos, tmp, &a->conns)
+    {
+        conn_t *c = list_entry(pos, conn_t, link);
+        io_close(&c->io);
+    }
+    maybe_done(a);
+}
+
+void admin_free(admin_t *a)
+{
+    free(a);
+}
