@@ -44,3 +44,21 @@ TEST(buf_json_escape_keeps_utf8_replaces_invalid)
     ASSERT_MEM(b.data, b.len, "\\ufffd\\ufffd\\ufffd");
     buf_free(&b);
 }
+
+#include "sha256.h"
+
+TEST(sha256_known_answers)
+{
+    char hex[65];
+    sha256_hex("", 0, hex);
+    ASSERT_STR(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    sha256_hex("abc", 3, hex);
+    ASSERT_STR(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    const char *two = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"; /* 56 bytes */
+    sha256_hex(two, strlen(two), hex);
+    ASSERT_STR(hex, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    char million[1000];
+    memset(million, 'a', sizeof million);
+    sha256_hex(million, sizeof million, hex); /* checked against sha256sum */
+    ASSERT_STR(hex, "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3");
+}
