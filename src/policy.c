@@ -204,6 +204,10 @@ static void read_sinks(policy_t *p, lua_State *L, int t)
                 buf_printf(&b, "%s: %s\r\n", name, val);
                 lua_pop(L, 1);
             }
+            if (b.len > 0 && buf_append(&b, "", 1) < 0) { /* a C string */
+                buf_free(&b);
+                luaL_error(L, "out of memory");
+            }
             k->headers = b.data; /* owned; NULL when empty */
         }
         int64_t v = k->rate_per_min;
