@@ -164,6 +164,14 @@ int buf_json_escape(buf_t *b, const char *s, size_t n)
     return 0;
 }
 
+const char *buf_cstr(buf_t *b)
+{
+    if (b->len == 0 || buf_reserve(b, 1) < 0)
+        return "";
+    b->data[b->len] = '\0';
+    return b->data;
+}
+
 void buf_consume(buf_t *b, size_t n)
 {
     if (n >= b->len) {

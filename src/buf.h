@@ -51,6 +51,10 @@ int buf_put_ms(buf_t *b, uint64_t ns);
 /* Appends `s` as the inside of a JSON string (quotes not included). */
 int buf_json_escape(buf_t *b, const char *s, size_t n);
 
+/* The contents as a C string: a NUL is kept after the bytes (not counted
+ * in len). "" when empty, or when there is no memory for the NUL. */
+const char *buf_cstr(buf_t *b);
+
 /* Drops the first `n` bytes, keeping the rest. */
 void buf_consume(buf_t *b, size_t n);
 

@@ -86,7 +86,7 @@ static int push_json_step(lua_State *L)
 /* Parses `n` bytes of JSON (nothing but whitespace may follow the value)
  * and pushes the Lua value, or nil when it is not JSON. The parsed tree is
  * freed whatever happens: converting runs in a protected call. */
-static void push_decoded(lua_State *L, const char *s, size_t n)
+void lua_api_push_json(lua_State *L, const char *s, size_t n)
 {
     const char *end = NULL;
     cJSON *j = cJSON_ParseWithLengthOpts(s, n, &end, 0);
@@ -238,7 +238,7 @@ static int l_json_decode(lua_State *L)
 {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
-    push_decoded(L, s, n);
+    lua_api_push_json(L, s, n);
     if (!lua_isnil(L, -1))
         return 1;
     lua_pushliteral(L, "invalid JSON");
@@ -258,19 +258,20 @@ static int l_count(lua_State *L)
     luaL_argcheck(L, seconds >= 1 && seconds <= COUNTER_MAX_WINDOW, 2,
                   "window must be 1 to 3600 seconds");
     luaL_argcheck(L, add == 0 || add == 1, 3, "add is 1 (count this event) or 0 (only read)");
-    if (ctx_of(L)->testing) {
+    lua_api_ctx_t *c = ctx_of(L);
+    if (c->testing && c->replay_now_ms == 0) {
         lua_rawgetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
         lua_pushvalue(L, 1);
         lua_rawget(L, -2);
-        lua_Integer c = lua_tointeger(L, -1) + add;
+        lua_Integer sum = lua_tointeger(L, -1) + add;
         lua_pop(L, 1);
         lua_pushvalue(L, 1);
-        lua_pushinteger(L, c);
+        lua_pushinteger(L, sum);
         lua_rawset(L, -3);
-        lua_pushinteger(L, c);
+        lua_pushinteger(L, sum);
         return 1;
     }
-    int64_t now = clock_wall_ms();
+    int64_t now = c->replay_now_ms != 0 ? c->replay_now_ms : clock_wall_ms();
     lua_pushinteger(L, add ? counter_hit(key, n, (int)seconds, now)
                            : counter_peek(key, n, (int)seconds, now));
     return 1;
@@ -308,7 +309,8 @@ static int l_cooldown(lua_State *L)
 
 static int l_now_ms(lua_State *L)
 {
-    lua_pushinteger(L, clock_wall_ms());
+    lua_api_ctx_t *c = ctx_of(L);
+    lua_pushinteger(L, c->replay_now_ms != 0 ? c->replay_now_ms : clock_wall_ms());
     return 1;
 }
 
@@ -852,7 +854,7 @@ static int res_index(lua_State *L)
     } else if (strcmp(k, "json") == 0) {
         if (in->body == NULL)
             return 0;
-        push_decoded(L, in->body, in->body_len);
+        lua_api_push_json(L, in->body, in->body_len);
         if (lua_isnil(L, -1))
             return 1;
     } else if (strcmp(k, "retry_after_ms") == 0) {

@@ -20,6 +20,9 @@ typedef struct {
     int testing;
     buf_t test_alerts; /* names of the alerts raised, '\n'-terminated */
     int test_logs;
+    /* Replaying recorded traffic: the wall clock of the record (ms), which
+     * errord.count() windows and errord.now_ms() use; 0 otherwise. */
+    int64_t replay_now_ms;
 } lua_api_ctx_t;
 
 /* Installs the API as globals of the state (whose sandbox context must be a
@@ -42,6 +45,10 @@ int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t err
 /* Pushes the JSON text of the value at `idx`, as errord.json.encode does
  * (tables read raw, no metamethods run); raises what JSON cannot hold. */
 void lua_api_encode_json(lua_State *L, int idx);
+
+/* Pushes the Lua value of `n` bytes of JSON text, or nil when it is not
+ * JSON; raises when out of memory. */
+void lua_api_push_json(lua_State *L, const char *s, size_t n);
 
 /* The backoff delay of errord.backoff(attempt). */
 uint64_t lua_api_backoff(lua_api_ctx_t *ctx, int attempt);

@@ -11,6 +11,7 @@
 #include "log.h"
 #include "lua_api.h"
 #include "sandbox.h"
+#include "sha256.h"
 
 #include <lauxlib.h>
 
@@ -27,10 +28,16 @@
 struct policy_s {
     int refs;
     char *path;
+    char *src; /* the source, for locating problems and tests */
+    size_t src_len;
+    char sha256[65];
+    int64_t loaded_at_ms;
+    policy_report_t *report; /* while loading */
     sandbox_t *sandbox;
     lua_api_ctx_t ctx;
     policy_settings_t settings;
     int handler[N_STATUS]; /* registry refs by status, LUA_NOREF when none */
+    int n_handlers;
     int error_ref;
     int tests_ref;
 };
@@ -78,6 +85,26 @@ static void first_line(const char *msg, char *out, size_t n)
     snprintf(out, n, "%.*s", (int)len, msg ? msg : "(no message)");
 }
 
+/* The first line of a Lua error, with the file named in full: Lua cuts a
+ * long chunk name to "...<its end>". */
+static void full_source(const policy_t *p, const char *msg, char *out, size_t n)
+{
+    first_line(msg, out, n);
+    if (strncmp(out, "...", 3) != 0)
+        return;
+    const char *rest = out + 3;
+    size_t plen = strlen(p->path);
+    for (const char *c = strchr(rest, ':'); c != NULL; c = strchr(c + 1, ':')) {
+        size_t k = (size_t)(c - rest);
+        if (k <= plen && memcmp(rest, p->path + plen - k, k) == 0) {
+            char tail[512];
+            snprintf(tail, sizeof tail, "%s", c);
+            snprintf(out, n, "%s%s", p->path, tail);
+            return;
+        }
+    }
+}
+
 /* Pushes t[k] without running metamethods; returns its type. */
 static int rawfield(lua_State *L, int t, const char *k)
 {
@@ -86,9 +113,111 @@ static int rawfield(lua_State *L, int t, const char *k)
     return lua_rawget(L, t);
 }
 
-/* Raises for any string key of the table at `t` not in `known`, or (with
- * `warn`) only logs it. */
-static void check_known(lua_State *L, int t, const char *path, const char *where,
+/* ---- problems and where they are ------------------------------------------------- */
+
+void policy_report_free(policy_report_t *r)
+{
+    buf_free(&r->errors);
+    buf_free(&r->warnings);
+    r->n_errors = r->n_warnings = 0;
+}
+
+static int ident_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+static size_t skip_blanks(const char *s, size_t i, size_t n)
+{
+    while (i < n && (s[i] == ' ' || s[i] == '\t'))
+        i++;
+    return i;
+}
+
+/* Whether an assignment ('=' but not '==') starts at s[i], after blanks. */
+static int assigns(const char *s, size_t i, size_t n)
+{
+    i = skip_blanks(s, i, n);
+    return i < n && s[i] == '=' && (i + 1 == n || s[i + 1] != '=');
+}
+
+/* Whether the source names `key` as a table key at s[i]: `key =`,
+ * `["key"] =`, `['key'] =`, or `[key] =` (a number). */
+static int key_at(const char *s, size_t i, size_t n, const char *key, size_t klen)
+{
+    if (s[i] == '[') {
+        size_t j = skip_blanks(s, i + 1, n);
+        char q = j < n && (s[j] == '"' || s[j] == '\'') ? s[j] : 0;
+        j += q != 0;
+        if (j + klen > n || memcmp(s + j, key, klen) != 0)
+            return 0;
+        j += klen;
+        if (q != 0 && (j >= n || s[j++] != q))
+            return 0;
+        j = skip_blanks(s, j, n);
+        return j < n && s[j] == ']' && assigns(s, j + 1, n);
+    }
+    return i + klen <= n && memcmp(s + i, key, klen) == 0 && (i == 0 || !ident_char(s[i - 1])) &&
+           (i == 0 || s[i - 1] != '.') && (i + klen == n || !ident_char(s[i + klen])) &&
+           assigns(s, i + klen, n);
+}
+
+/* The line where the source names `key` as a table key for the nth time
+ * (from 1), or with `quoted` where the string "key" appears; 0 when it does
+ * not. Lua keeps no positions for table keys, so this reads the source,
+ * skipping comments. */
+static int source_line(const policy_t *p, const char *key, int nth, int quoted)
+{
+    const char *s = p->src;
+    size_t n = p->src_len, klen = strlen(key);
+    int line = 1;
+    if (s == NULL || klen == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\n') {
+            line++;
+        } else if (s[i] == '-' && i + 1 < n && s[i + 1] == '-') {
+            int block = i + 3 < n && s[i + 2] == '[' && s[i + 3] == '[';
+            while (i + 1 < n && (block ? !(s[i] == ']' && s[i + 1] == ']') : s[i + 1] != '\n')) {
+                line += s[i] == '\n';
+                i++;
+            }
+        } else if (quoted ? (s[i] == '"' && i + klen + 1 < n && s[i + klen + 1] == '"' &&
+                             memcmp(s + i + 1, key, klen) == 0)
+                          : key_at(s, i, n, key, klen)) {
+            if (--nth <= 0)
+                return line;
+        }
+    }
+    return 0;
+}
+
+static void problem(policy_t *p, int line, int warning, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Notes a problem of the policy being loaded, at `line` (0: unknown). */
+static void problem(policy_t *p, int line, int warning, const char *fmt, ...)
+{
+    policy_report_t *r = p->report;
+    buf_t *b = warning ? &r->warnings : &r->errors;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (line > 0)
+        buf_printf(b, "%s:%d: %s\n", p->path, line, msg);
+    else
+        buf_printf(b, "%s: %s\n", p->path, msg);
+    if (warning)
+        r->n_warnings++;
+    else
+        r->n_errors++;
+}
+
+/* Notes every string key of the table at `t` that is not in `known`, as a
+ * warning or an error. */
+static void check_known(policy_t *p, lua_State *L, int t, const char *where,
                         const char *const *known, int warn)
 {
     t = lua_absindex(L, t);
@@ -97,33 +226,29 @@ static void check_known(lua_State *L, int t, const char *path, const char *where
         lua_pop(L, 1);
         const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
         int found = 0;
-        for (const char *const *p = known; k != NULL && *p != NULL && !found; p++)
-            found = strcmp(k, *p) == 0;
+        for (const char *const *q = known; k != NULL && *q != NULL && !found; q++)
+            found = strcmp(k, *q) == 0;
         if (found)
             continue;
-        if (!warn)
-            luaL_error(L, "%s: unknown key '%s'", where, k ? k : luaL_typename(L, -1));
-        log_record_t *r = log_begin(LOG_WARN, "unknown setting ignored");
-        log_str(r, "policy", path);
-        log_str(r, "setting", where);
-        log_str(r, "key", k ? k : luaL_typename(L, -1));
-        log_end(r);
+        problem(p, k ? source_line(p, k, 1, 0) : 0, warn, "%s: unknown key '%s'%s", where,
+                k ? k : luaL_typename(L, -1), warn ? " (ignored)" : "");
     }
 }
 
 /* ---- settings ------------------------------------------------------------------ */
 
-/* Reads t.name as an integer in [min, max] into *out when present; raises
- * otherwise. */
-static void setting_int(lua_State *L, int t, const char *where, const char *name, int64_t min,
-                        int64_t max, int64_t *out)
+/* Reads t.name as an integer in [min, max] into *out when present; notes a
+ * problem (and leaves *out) otherwise. */
+static void setting_int(policy_t *p, lua_State *L, int t, const char *where, const char *name,
+                        int64_t min, int64_t max, int64_t *out)
 {
     rawfield(L, t, name);
     if (!lua_isnil(L, -1)) {
         if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < min || lua_tointeger(L, -1) > max)
-            luaL_error(L, "%s.%s must be an integer from %I to %I", where, name,
-                       (lua_Integer)min, (lua_Integer)max);
-        *out = lua_tointeger(L, -1);
+            problem(p, source_line(p, name, 1, 0), 0, "%s.%s must be an integer from %lld to %lld",
+                    where, name, (long long)min, (long long)max);
+        else
+            *out = lua_tointeger(L, -1);
     }
     lua_pop(L, 1);
 }
@@ -136,90 +261,104 @@ static char *copy_string(lua_State *L, const char *s)
     return c;
 }
 
-/* settings.alerts: a list of { kind = ..., url = ..., ... }. */
-static void read_sinks(policy_t *p, lua_State *L, int t)
+/* Reads the sink at `e` (the nth, from 1) into `k`; returns -1 after noting
+ * a problem. */
+static int read_sink(policy_t *p, lua_State *L, int e, int nth, policy_sink_t *k)
 {
     static const char *const known[] = {"kind", "url", "headers", "routing_key", "rate_per_min",
                                         "queue", "timeout_ms", NULL};
     static const char *const kinds[] = {"alertmanager", "webhook", "slack", "pagerduty", NULL};
-    if (!lua_istable(L, t))
-        luaL_error(L, "settings.alerts must be a list of { kind = ..., url = ... }");
+    char where[48];
+    int line = source_line(p, "kind", nth, 0);
+    snprintf(where, sizeof where, "settings.alerts[%d]", nth);
+    if (!lua_istable(L, e)) {
+        problem(p, 0, 0, "%s must be a table { kind = ..., url = ... }", where);
+        return -1;
+    }
+    int before = p->report->n_errors;
+    check_known(p, L, e, where, known, 0);
+    k->rate_per_min = 60;
+    k->queue = 256;
+    k->timeout_ms = 5000;
+    int kind = -1;
+    if (rawfield(L, e, "kind") == LUA_TSTRING)
+        for (int j = 0; kinds[j] != NULL; j++)
+            if (strcmp(lua_tostring(L, -1), kinds[j]) == 0)
+                kind = j;
+    if (kind < 0)
+        problem(p, line, 0, "%s.kind must be alertmanager, webhook, slack or pagerduty", where);
+    k->kind = kind < 0 ? SINK_WEBHOOK : (sink_kind_t)kind;
+    if (rawfield(L, e, "url") != LUA_TSTRING ||
+        (strncmp(lua_tostring(L, -1), "http://", 7) != 0 &&
+         strncmp(lua_tostring(L, -1), "https://", 8) != 0))
+        problem(p, line, 0, "%s.url must be an http:// or https:// URL", where);
+    else
+        k->url = copy_string(L, lua_tostring(L, -1));
+    if (rawfield(L, e, "routing_key") == LUA_TSTRING)
+        k->routing_key = copy_string(L, lua_tostring(L, -1));
+    else if (kind == SINK_PAGERDUTY)
+        problem(p, line, 0, "%s: a pagerduty sink needs routing_key", where);
+    if (rawfield(L, e, "headers") != LUA_TNIL) {
+        int hdr = lua_gettop(L);
+        int ok = lua_istable(L, hdr);
+        buf_t b = BUF_INIT;
+        lua_pushnil(L);
+        while (ok && lua_next(L, hdr) != 0) {
+            const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+            const char *val = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+            ok = name != NULL && val != NULL && name[0] != '\0';
+            for (const char *c = name; ok && *c; c++)
+                ok = (*c > 0x20 && *c < 0x7f && *c != ':');
+            for (const char *c = val; ok && *c; c++)
+                ok = (*c >= 0x20 && *c != 0x7f) || *c == '\t';
+            if (ok)
+                buf_printf(&b, "%s: %s\r\n", name, val);
+            lua_pop(L, ok ? 1 : 2);
+        }
+        if (ok && b.len > 0 && buf_append(&b, "", 1) < 0) /* a C string */
+            luaL_error(L, "out of memory");
+        if (!ok) {
+            buf_free(&b);
+            problem(p, source_line(p, "headers", 1, 0), 0,
+                    "%s.headers must map header names to header values (strings)", where);
+        }
+        k->headers = b.data; /* owned; NULL when empty */
+    }
+    int64_t v = k->rate_per_min;
+    setting_int(p, L, e, where, "rate_per_min", 1, 100000, &v);
+    k->rate_per_min = (int)v;
+    v = k->queue;
+    setting_int(p, L, e, where, "queue", 1, 100000, &v);
+    k->queue = (int)v;
+    v = (int64_t)k->timeout_ms;
+    setting_int(p, L, e, where, "timeout_ms", 10, 600000, &v);
+    k->timeout_ms = (uint64_t)v;
+    return p->report->n_errors == before ? 0 : -1;
+}
+
+/* settings.alerts: a list of { kind = ..., url = ..., ... }. */
+static void read_sinks(policy_t *p, lua_State *L, int t)
+{
+    if (!lua_istable(L, t)) {
+        problem(p, source_line(p, "alerts", 1, 0), 0,
+                "settings.alerts must be a list of { kind = ..., url = ... }");
+        return;
+    }
     luaL_checkstack(L, 16, "settings.alerts");
     size_t n = (size_t)lua_rawlen(L, t);
-    if (n > 32)
-        luaL_error(L, "settings.alerts: at most 32 sinks");
+    if (n > 32) {
+        problem(p, source_line(p, "alerts", 1, 0), 0, "settings.alerts: at most 32 sinks");
+        return;
+    }
     policy_settings_t *s = &p->settings;
     s->sinks = calloc(n + 1, sizeof *s->sinks);
     if (s->sinks == NULL)
         luaL_error(L, "out of memory");
     for (size_t i = 0; i < n; i++) {
-        char where[48];
-        snprintf(where, sizeof where, "settings.alerts[%zu]", i + 1);
         lua_rawgeti(L, t, (lua_Integer)i + 1);
-        int e = lua_gettop(L);
-        if (!lua_istable(L, e))
-            luaL_error(L, "%s must be a table { kind = ..., url = ... }", where);
-        check_known(L, e, p->path, where, known, 0);
-        policy_sink_t *k = &s->sinks[i];
         s->n_sinks = i + 1; /* owned from here on, for policy_release */
-        k->rate_per_min = 60;
-        k->queue = 256;
-        k->timeout_ms = 5000;
-        if (rawfield(L, e, "kind") != LUA_TSTRING)
-            luaL_error(L, "%s.kind must be alertmanager, webhook, slack or pagerduty", where);
-        int kind = -1;
-        for (int j = 0; kinds[j] != NULL; j++)
-            if (strcmp(lua_tostring(L, -1), kinds[j]) == 0)
-                kind = j;
-        if (kind < 0)
-            luaL_error(L, "%s.kind must be alertmanager, webhook, slack or pagerduty", where);
-        k->kind = (sink_kind_t)kind;
-        if (rawfield(L, e, "url") != LUA_TSTRING ||
-            (strncmp(lua_tostring(L, -1), "http://", 7) != 0 &&
-             strncmp(lua_tostring(L, -1), "https://", 8) != 0))
-            luaL_error(L, "%s.url must be an http:// or https:// URL", where);
-        k->url = copy_string(L, lua_tostring(L, -1));
-        if (rawfield(L, e, "routing_key") == LUA_TSTRING)
-            k->routing_key = copy_string(L, lua_tostring(L, -1));
-        else if (k->kind == SINK_PAGERDUTY)
-            luaL_error(L, "%s: a pagerduty sink needs routing_key", where);
-        if (rawfield(L, e, "headers") != LUA_TNIL) {
-            int hdr = lua_gettop(L);
-            if (!lua_istable(L, hdr))
-                luaL_error(L, "%s.headers must map names to strings", where);
-            buf_t b = BUF_INIT;
-            lua_pushnil(L);
-            while (lua_next(L, hdr) != 0) {
-                const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-                const char *val = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-                int ok = name != NULL && val != NULL && name[0] != '\0';
-                for (const char *c = name; ok && *c; c++)
-                    ok = (*c > 0x20 && *c < 0x7f && *c != ':');
-                for (const char *c = val; ok && *c; c++)
-                    ok = (*c >= 0x20 && *c != 0x7f) || *c == '\t';
-                if (!ok) {
-                    buf_free(&b);
-                    luaL_error(L, "%s.headers: names and values must be valid header text", where);
-                }
-                buf_printf(&b, "%s: %s\r\n", name, val);
-                lua_pop(L, 1);
-            }
-            if (b.len > 0 && buf_append(&b, "", 1) < 0) { /* a C string */
-                buf_free(&b);
-                luaL_error(L, "out of memory");
-            }
-            k->headers = b.data; /* owned; NULL when empty */
-        }
-        int64_t v = k->rate_per_min;
-        setting_int(L, e, where, "rate_per_min", 1, 100000, &v);
-        k->rate_per_min = (int)v;
-        v = k->queue;
-        setting_int(L, e, where, "queue", 1, 100000, &v);
-        k->queue = (int)v;
-        v = (int64_t)k->timeout_ms;
-        setting_int(L, e, where, "timeout_ms", 10, 600000, &v);
-        k->timeout_ms = (uint64_t)v;
-        lua_settop(L, e - 1);
+        read_sink(p, L, lua_gettop(L), (int)i + 1, &s->sinks[i]);
+        lua_settop(L, t);
     }
 }
 
@@ -242,99 +381,121 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
         return;
     }
     int t = lua_gettop(L);
-    if (!lua_istable(L, t))
-        luaL_error(L, "settings must be a table");
-    check_known(L, t, p->path, "settings", known, 1);
+    if (!lua_istable(L, t)) {
+        problem(p, source_line(p, "settings", 1, 0), 0, "settings must be a table");
+        lua_settop(L, t - 1);
+        return;
+    }
+    check_known(p, L, t, "settings", known, 1);
     v = s->attempts;
-    setting_int(L, t, "settings", "attempts", 1, 10, &v);
+    setting_int(p, L, t, "settings", "attempts", 1, 10, &v);
     s->attempts = (int)v;
     v = (int64_t)s->body_limit;
-    setting_int(L, t, "settings", "body_limit", 0, 16 << 20, &v);
+    setting_int(p, L, t, "settings", "body_limit", 0, 16 << 20, &v);
     s->body_limit = (size_t)v;
     v = (int64_t)s->replay_limit;
-    setting_int(L, t, "settings", "replay_limit", 0, 1 << 30, &v);
+    setting_int(p, L, t, "settings", "replay_limit", 0, 1 << 30, &v);
     s->replay_limit = (size_t)v;
     v = (int64_t)s->deadline_ms;
-    setting_int(L, t, "settings", "deadline_ms", 0, 3600000, &v);
+    setting_int(p, L, t, "settings", "deadline_ms", 0, 3600000, &v);
     s->deadline_ms = (uint64_t)v;
     v = (int64_t)s->try_timeout_ms;
-    setting_int(L, t, "settings", "try_timeout_ms", 0, 3600000, &v);
+    setting_int(p, L, t, "settings", "try_timeout_ms", 0, 3600000, &v);
     s->try_timeout_ms = (uint64_t)v;
     v = (int64_t)s->retry_after_max_ms;
-    setting_int(L, t, "settings", "retry_after_max_ms", 0, 3600000, &v);
+    setting_int(p, L, t, "settings", "retry_after_max_ms", 0, 3600000, &v);
     s->retry_after_max_ms = (uint64_t)v;
 
     v = (int64_t)s->resolve_after_ms;
-    setting_int(L, t, "settings", "resolve_after_ms", 100, 86400000, &v);
+    setting_int(p, L, t, "settings", "resolve_after_ms", 100, 86400000, &v);
     s->resolve_after_ms = (uint64_t)v;
     v = (int64_t)s->repeat_ms;
-    setting_int(L, t, "settings", "repeat_ms", 100, 86400000, &v);
+    setting_int(p, L, t, "settings", "repeat_ms", 100, 86400000, &v);
     s->repeat_ms = (uint64_t)v;
     if (rawfield(L, t, "alerts") != LUA_TNIL)
         read_sinks(p, L, lua_gettop(L));
-    lua_pop(L, 1);
+    lua_settop(L, t);
 
     int bt = rawfield(L, t, "budget");
+    int budget_line = source_line(p, "budget", 1, 0);
     if (bt == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
         s->budget_on = 0;
     } else if (bt == LUA_TTABLE) {
         int b = lua_gettop(L);
-        check_known(L, b, p->path, "settings.budget", known_budget, 1);
+        check_known(p, L, b, "settings.budget", known_budget, 1);
         rawfield(L, b, "ratio");
         rawfield(L, b, "min_per_s");
         if ((!lua_isnil(L, -2) && (!lua_isnumber(L, -2) || lua_tonumber(L, -2) < 0 ||
                                    lua_tonumber(L, -2) > 100)) ||
             (!lua_isnil(L, -1) && (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0 ||
-                                   lua_tonumber(L, -1) > 1000000)))
-            luaL_error(L, "settings.budget is { ratio = 0 to 100, min_per_s = 0 or more }, "
-                          "or false");
-        if (!lua_isnil(L, -2))
-            s->budget_ratio = lua_tonumber(L, -2);
-        if (!lua_isnil(L, -1))
-            s->budget_min_per_s = lua_tonumber(L, -1);
-        lua_pop(L, 2);
+                                   lua_tonumber(L, -1) > 1000000))) {
+            problem(p, budget_line, 0,
+                    "settings.budget is { ratio = 0 to 100, min_per_s = 0 or more }, or false");
+        } else {
+            if (!lua_isnil(L, -2))
+                s->budget_ratio = lua_tonumber(L, -2);
+            if (!lua_isnil(L, -1))
+                s->budget_min_per_s = lua_tonumber(L, -1);
+        }
     } else if (bt != LUA_TNIL) {
-        luaL_error(L, "settings.budget is { ratio = ..., min_per_s = ... }, or false");
+        problem(p, budget_line, 0, "settings.budget is { ratio = ..., min_per_s = ... }, or false");
     }
-    lua_pop(L, 1);
+    lua_settop(L, t);
 
     if (rawfield(L, t, "backoff") != LUA_TNIL) {
         int b = lua_gettop(L);
         int64_t base = (int64_t)s->backoff_base_ms, max = (int64_t)s->backoff_max_ms;
-        if (!lua_istable(L, b))
-            luaL_error(L, "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
-        check_known(L, b, p->path, "settings.backoff", known_backoff, 1);
-        setting_int(L, b, "settings.backoff", "base_ms", 0, 3600000, &base);
-        setting_int(L, b, "settings.backoff", "max_ms", 0, 3600000, &max);
-        if (max < base)
-            luaL_error(L, "settings.backoff.max_ms must not be below base_ms");
-        s->backoff_base_ms = (uint64_t)base;
-        s->backoff_max_ms = (uint64_t)max;
+        if (!lua_istable(L, b)) {
+            problem(p, source_line(p, "backoff", 1, 0), 0,
+                    "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
+        } else {
+            check_known(p, L, b, "settings.backoff", known_backoff, 1);
+            setting_int(p, L, b, "settings.backoff", "base_ms", 0, 3600000, &base);
+            setting_int(p, L, b, "settings.backoff", "max_ms", 0, 3600000, &max);
+            if (max < base)
+                problem(p, source_line(p, "max_ms", 1, 0), 0,
+                        "settings.backoff.max_ms must not be below base_ms");
+            else {
+                s->backoff_base_ms = (uint64_t)base;
+                s->backoff_max_ms = (uint64_t)max;
+            }
+        }
     }
-    lua_pop(L, 1);
+    lua_settop(L, t);
 
     if (rawfield(L, t, "limits") != LUA_TNIL) {
         int l = lua_gettop(L);
         int64_t ins = (int64_t)s->handler_instructions, ms = (int64_t)s->handler_time_ms;
         int64_t mb = (int64_t)(s->memory_limit >> 20);
-        if (!lua_istable(L, l))
-            luaL_error(L, "settings.limits must be a table");
-        check_known(L, l, p->path, "settings.limits", known_limits, 1);
-        setting_int(L, l, "settings.limits", "instructions", 10000, 1000000000, &ins);
-        setting_int(L, l, "settings.limits", "time_ms", 1, 10000, &ms);
-        setting_int(L, l, "settings.limits", "memory_mb", 4, 4096, &mb);
-        s->handler_instructions = (uint64_t)ins;
-        s->handler_time_ms = (uint64_t)ms;
-        s->memory_limit = (size_t)mb << 20;
-        if (sandbox_memory(p->sandbox) > s->memory_limit)
-            luaL_error(L, "the policy already uses more than settings.limits.memory_mb");
+        if (!lua_istable(L, l)) {
+            problem(p, source_line(p, "limits", 1, 0), 0, "settings.limits must be a table");
+        } else {
+            check_known(p, L, l, "settings.limits", known_limits, 1);
+            setting_int(p, L, l, "settings.limits", "instructions", 10000, 1000000000, &ins);
+            setting_int(p, L, l, "settings.limits", "time_ms", 1, 10000, &ms);
+            setting_int(p, L, l, "settings.limits", "memory_mb", 4, 4096, &mb);
+            s->handler_instructions = (uint64_t)ins;
+            s->handler_time_ms = (uint64_t)ms;
+            s->memory_limit = (size_t)mb << 20;
+            if (sandbox_memory(p->sandbox) > s->memory_limit)
+                problem(p, source_line(p, "memory_mb", 1, 0), 0,
+                        "the policy already uses more than settings.limits.memory_mb");
+        }
     }
     lua_settop(L, t - 1);
 }
 
 /* ---- handlers ------------------------------------------------------------------ */
 
-/* Reads the returned table's keys into handler refs; raises on a bad key. */
+/* The line where the handler function at the top of the stack starts. */
+static int function_line(lua_State *L)
+{
+    lua_Debug ar;
+    lua_pushvalue(L, -1);
+    return lua_getinfo(L, ">S", &ar) ? ar.linedefined : 0;
+}
+
+/* Reads the returned table's keys into handler refs; notes bad keys. */
 static void read_handlers(policy_t *p, lua_State *L, int policy)
 {
     int exact[N_STATUS], klass[6], deflt = LUA_NOREF;
@@ -346,19 +507,33 @@ static void read_handlers(policy_t *p, lua_State *L, int policy)
     lua_pushnil(L);
     while (lua_next(L, policy) != 0) {
         int *slot = NULL;
-        char name[32];
+        char name[48];
+        int is_fn = lua_isfunction(L, -1);
+        int line = is_fn ? function_line(L) : 0;
         if (lua_type(L, -2) == LUA_TNUMBER) {
             lua_Integer s = lua_isinteger(L, -2) ? lua_tointeger(L, -2) : 0;
             if (s < 100 || s > 599) {
-                lua_pushvalue(L, -2);
-                luaL_error(L, "handler key %s is not a status from 100 to 599",
-                           lua_tostring(L, -1)); /* the copy may become a string */
+                char key[48];
+                lua_pushvalue(L, -2); /* a copy: lua_tostring changes it */
+                snprintf(key, sizeof key, "%s", lua_tostring(L, -1));
+                lua_pop(L, 1);
+                problem(p, line ? line : source_line(p, key, 1, 0), 0,
+                        "handler key [%s] is not a status from 100 to 599", key);
+                lua_pop(L, 1);
+                continue;
             }
             slot = &exact[s];
             snprintf(name, sizeof name, "[%d]", (int)s);
+            if (!is_fn) {
+                char key[16];
+                snprintf(key, sizeof key, "%d", (int)s);
+                line = source_line(p, key, 1, 0);
+            }
         } else if (lua_type(L, -2) == LUA_TSTRING) {
             const char *k = lua_tostring(L, -2);
             size_t n = strlen(k);
+            if (!is_fn)
+                line = source_line(p, k, 1, 0);
             if (n == 3 && k[0] >= '1' && k[0] <= '5' && k[1] == 'x' && k[2] == 'x') {
                 slot = &klass[k[0] - '0'];
             } else if (strcmp(k, "default") == 0) {
@@ -369,29 +544,42 @@ static void read_handlers(policy_t *p, lua_State *L, int policy)
                 lua_pop(L, 1);
                 continue;
             } else if (strcmp(k, "tests") == 0) {
-                if (!lua_istable(L, -1))
-                    luaL_error(L, "tests must be a list of test tables");
-                p->tests_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops it */
+                if (!lua_istable(L, -1)) {
+                    problem(p, line, 0, "tests must be a list of test tables");
+                    lua_pop(L, 1);
+                } else {
+                    p->tests_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops it */
+                }
                 continue;
             } else if (n == 3 && k[0] >= '1' && k[0] <= '5' && k[1] >= '0' && k[1] <= '9' &&
                        k[2] >= '0' && k[2] <= '9') {
-                luaL_error(L, "handler key \"%s\" is a string: write [%s], a number", k, k);
+                problem(p, line, 0, "handler key \"%s\" is a string: write [%s], a number", k, k);
+                lua_pop(L, 1);
+                continue;
             } else {
-                log_record_t *r = log_begin(LOG_WARN, "unknown policy key ignored");
-                log_str(r, "policy", p->path);
-                log_str(r, "key", k);
-                log_end(r);
+                problem(p, line, 1,
+                        "unknown key '%s' ignored: handler keys are statuses ([403]), classes "
+                        "(\"5xx\"), default and error",
+                        k);
                 lua_pop(L, 1);
                 continue;
             }
             snprintf(name, sizeof name, "%s", k);
         } else {
-            luaL_error(L, "policy keys are statuses, classes (\"4xx\"), default, error, "
-                          "settings or tests; found a %s key",
-                       luaL_typename(L, -2));
+            problem(p, line, 0,
+                    "policy keys are statuses, classes (\"4xx\"), default, error, settings or "
+                    "tests; found a %s key",
+                    luaL_typename(L, -2));
+            lua_pop(L, 1);
+            continue;
         }
-        if (!lua_isfunction(L, -1))
-            luaL_error(L, "handler %s must be a function, not a %s", name, luaL_typename(L, -1));
+        if (!is_fn) {
+            problem(p, line, 0, "handler %s must be a function, not a %s", name,
+                    luaL_typename(L, -1));
+            lua_pop(L, 1);
+            continue;
+        }
+        p->n_handlers++;
         *slot = luaL_ref(L, LUA_REGISTRYINDEX); /* pops the function */
     }
     for (int s = 100; s < N_STATUS; s++)
@@ -413,7 +601,7 @@ static int load_step(lua_State *L)
 
 /* ---- loading ------------------------------------------------------------------- */
 
-static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
+char *policy_read_file(const char *path, size_t *len, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "rb");
     if (f == NULL) {
@@ -429,6 +617,7 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
         free(data);
         return NULL;
     }
+    data[n] = '\0';
     *len = n;
     return data;
 }
@@ -440,13 +629,25 @@ static int open_step(lua_State *L)
     return 0;
 }
 
-policy_t *policy_load(const char *path, char *err, size_t errlen)
+/* Notes a Lua error message as a problem. Lua's own messages start with
+ * "file:line:" already. */
+static void lua_problem(policy_t *p, const char *msg)
 {
-    size_t len = 0;
-    char *src = NULL;
+    char line[512];
+    full_source(p, msg, line, sizeof line);
+    if (strncmp(line, p->path, strlen(p->path)) == 0)
+        buf_printf(&p->report->errors, "%s\n", line);
+    else
+        buf_printf(&p->report->errors, "%s: %s\n", p->path, line);
+    p->report->n_errors++;
+}
+
+policy_t *policy_load_text(const char *path, const char *src, size_t len, policy_report_t *rep)
+{
     policy_t *p = calloc(1, sizeof *p);
     if (p == NULL) {
-        errf(err, errlen, "out of memory");
+        buf_printf(&rep->errors, "%s: out of memory\n", path);
+        rep->n_errors++;
         return NULL;
     }
     p->refs = 1;
@@ -454,13 +655,21 @@ policy_t *policy_load(const char *path, char *err, size_t errlen)
     for (int i = 0; i < N_STATUS; i++)
         p->handler[i] = LUA_NOREF;
     p->settings = DEFAULTS;
+    p->report = rep;
     p->path = strdup(path);
+    p->src = malloc(len + 1);
     sandbox_limits_t limits = limits_of(&DEFAULTS);
     p->sandbox = sandbox_new(&limits);
-    if (p->path == NULL || p->sandbox == NULL) {
-        errf(err, errlen, "out of memory");
+    if (p->path == NULL || p->src == NULL || p->sandbox == NULL) {
+        buf_printf(&rep->errors, "%s: out of memory\n", path);
+        rep->n_errors++;
         goto fail;
     }
+    memcpy(p->src, src, len);
+    p->src[len] = '\0';
+    p->src_len = len;
+    sha256_hex(src, len, p->sha256);
+    p->loaded_at_ms = clock_wall_ms();
     p->ctx.settings = &p->settings;
     if (getrandom(p->ctx.rng, sizeof p->ctx.rng, 0) != sizeof p->ctx.rng)
         p->ctx.rng[0] = clock_now_ns();
@@ -469,21 +678,15 @@ policy_t *policy_load(const char *path, char *err, size_t errlen)
     lua_State *L = sandbox_state(p->sandbox);
     lua_pushcfunction(L, open_step);
     if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
-        errf(err, errlen, "out of memory");
+        lua_problem(p, "out of memory");
         goto fail;
     }
 
-    src = read_file(path, &len, err, errlen);
-    if (src == NULL)
-        goto fail;
     char chunkname[1024];
     snprintf(chunkname, sizeof chunkname, "@%s", path);
-    if (luaL_loadbufferx(L, src, len, chunkname, "t") != LUA_OK) {
-        first_line(lua_tostring(L, -1), err, errlen);
-        goto fail;
-    }
-    if (sandbox_call(p->sandbox, 0, 1) != SANDBOX_OK) {
-        first_line(lua_tostring(L, -1), err, errlen);
+    if (luaL_loadbufferx(L, src, len, chunkname, "t") != LUA_OK ||
+        sandbox_call(p->sandbox, 0, 1) != SANDBOX_OK) {
+        lua_problem(p, lua_tostring(L, -1));
         goto fail;
     }
     lua_pushcfunction(L, load_step);
@@ -491,21 +694,43 @@ policy_t *policy_load(const char *path, char *err, size_t errlen)
     lua_pushlightuserdata(L, p);
     lua_insert(L, -2);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-        char why[512];
-        first_line(lua_tostring(L, -1), why, sizeof why);
-        errf(err, errlen, "%s: %s", path, why);
+        lua_problem(p, lua_tostring(L, -1));
         goto fail;
     }
+    if (rep->n_errors > 0)
+        goto fail;
     lua_settop(L, 0);
     limits = limits_of(&p->settings);
     sandbox_set_limits(p->sandbox, &limits);
-    free(src);
+    p->report = NULL;
     return p;
 
 fail:
-    free(src);
+    p->report = NULL;
     policy_release(p);
     return NULL;
+}
+
+policy_t *policy_load(const char *path, char *err, size_t errlen)
+{
+    size_t len = 0;
+    char *src = policy_read_file(path, &len, err, errlen);
+    if (src == NULL)
+        return NULL;
+    policy_report_t rep = POLICY_REPORT_INIT;
+    policy_t *p = policy_load_text(path, src, len, &rep);
+    free(src);
+    if (p == NULL)
+        first_line(buf_cstr(&rep.errors), err, errlen);
+    for (size_t i = 0; i < rep.warnings.len;) {
+        size_t n = strcspn(rep.warnings.data + i, "\n");
+        log_record_t *r = log_begin(LOG_WARN, "policy warning");
+        log_strn(r, "warning", rep.warnings.data + i, n);
+        log_end(r);
+        i += n + 1;
+    }
+    policy_report_free(&rep);
+    return p;
 }
 
 /* ---- deciding ------------------------------------------------------------------- */
@@ -518,6 +743,42 @@ const policy_settings_t *policy_settings(const policy_t *p)
 const char *policy_path(const policy_t *p)
 {
     return p->path;
+}
+
+int policy_header_secret(const policy_t *p, const char *name, size_t n)
+{
+    static const struct {
+        const char *name;
+        size_t len;
+    } secret[] = {{"authorization", 13}, {"proxy-authorization", 19}, {"cookie", 6},
+                  {"set-cookie", 10},    {"x-api-key", 9}};
+    (void)p;
+    for (size_t i = 0; i < sizeof secret / sizeof *secret; i++)
+        if (n == secret[i].len && memcmp(name, secret[i].name, n) == 0)
+            return 1;
+    return 0;
+}
+
+const char *policy_sha256(const policy_t *p)
+{
+    return p->sha256;
+}
+
+int64_t policy_loaded_at(const policy_t *p)
+{
+    return p->loaded_at_ms;
+}
+
+void policy_describe(const policy_t *p, int *handlers, int *tests)
+{
+    *handlers = p->n_handlers;
+    *tests = 0;
+    if (p->tests_ref != LUA_NOREF) {
+        lua_State *L = sandbox_state(p->sandbox);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, p->tests_ref);
+        *tests = (int)lua_rawlen(L, -1);
+        lua_pop(L, 1);
+    }
 }
 
 int policy_handles(const policy_t *p, int status)
@@ -571,7 +832,7 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
             st = SANDBOX_ERROR;
     } else {
         const char *text = lua_tostring(L, -1);
-        first_line(text, msg, msglen);
+        full_source(p, text, msg, msglen);
         if (trace != NULL && text != NULL)
             buf_puts(trace, text);
         if (st == SANDBOX_MEMORY && strchr(msg, ':') == NULL) {
@@ -635,6 +896,9 @@ typedef struct {
     http_head_t *req;
     http_head_t *res;
     verdict_t v;
+    int handled;      /* a handler ran */
+    char failed[256]; /* ... and failed: why */
+    int expect;       /* check the test's expect table */
     int passed;
     char why[512];
 } test_run_t;
@@ -751,20 +1015,29 @@ static int encode_step(lua_State *L)
     return 1;
 }
 
-/* Protected: runs the test table (2) for the run (1). Returns 0; r->passed
- * and r->why say how it went. */
-static int test_step(lua_State *L)
+/* Runs the case table at `t` through its handler: r->v, r->handled and
+ * r->failed say what happened, the context what it raised. Returns 1, or 0
+ * with r->why when the case itself is malformed. */
+static int run_case(lua_State *L, test_run_t *r, int t)
 {
     static const char *const known[] = {"name", "req", "res", "err", "attempt", "counts",
                                         "expect", NULL};
-    static const char *const known_expect[] = {"verdict", "status", "reason", "alert", NULL};
-    test_run_t *r = lua_touserdata(L, 1);
     policy_t *p = r->p;
-    int t = 2;
     policy_input_t in = {0};
     size_t body_len = 0;
 
-    check_known(L, t, p->path, "test", known, 0);
+    for (lua_pushnil(L); lua_next(L, t) != 0; lua_pop(L, 1)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        int found = 0;
+        for (const char *const *q = known; k != NULL && *q != NULL && !found; q++)
+            found = strcmp(k, *q) == 0;
+        if (!found) {
+            lua_pop(L, 1);
+            TEST_FAIL(r, "unknown key '%s' (a test has name, req, res or err, attempt, counts "
+                         "and expect)",
+                      k ? k : luaL_typename(L, -1));
+        }
+    }
     int req = rawfield(L, t, "req") == LUA_TTABLE ? lua_gettop(L) : 0;
     if (!req && !lua_isnil(L, -1))
         TEST_FAIL(r, "req must be a table");
@@ -814,16 +1087,43 @@ static int test_step(lua_State *L)
     lua_api_reset_test_counts(L, -1);
     lua_pop(L, 1);
     if (ref != LUA_NOREF) {
-        char msg[400];
-        sandbox_status_t st = call_handler(p, ref, &in, &r->v, msg, sizeof msg, NULL);
-        if (st != SANDBOX_OK)
-            TEST_FAIL(r, "handler failed: %s", msg);
+        r->handled = 1;
+        if (call_handler(p, ref, &in, &r->v, r->failed, sizeof r->failed, NULL) != SANDBOX_OK)
+            verdict_reset(&r->v);
     }
+    return 1;
+}
 
-    int e = rawfield(L, t, "expect") == LUA_TTABLE ? lua_gettop(L) : 0;
+/* Protected: runs the case table (2) for the run (1) and, for a test,
+ * checks what it expects. Returns 0; r->passed and r->why say how it went. */
+static int test_step(lua_State *L)
+{
+    static const char *const known_expect[] = {"verdict", "status", "reason", "alert", NULL};
+    test_run_t *r = lua_touserdata(L, 1);
+    policy_t *p = r->p;
+    if (!run_case(L, r, 2))
+        return 0;
+    if (!r->expect) {
+        r->passed = 1;
+        return 0;
+    }
+    if (r->failed[0] != '\0')
+        TEST_FAIL(r, "handler failed: %s", r->failed);
+
+    int e = rawfield(L, 2, "expect") == LUA_TTABLE ? lua_gettop(L) : 0;
     if (!e)
         TEST_FAIL(r, "expect must be a table such as { verdict = \"retry\" }");
-    check_known(L, e, p->path, "expect", known_expect, 0);
+    for (lua_pushnil(L); lua_next(L, e) != 0; lua_pop(L, 1)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        int found = 0;
+        for (const char *const *q = known_expect; k != NULL && *q != NULL && !found; q++)
+            found = strcmp(k, *q) == 0;
+        if (!found) {
+            lua_pop(L, 1);
+            TEST_FAIL(r, "expect: unknown key '%s' (it has verdict, status, reason and alert)",
+                      k ? k : luaL_typename(L, -1));
+        }
+    }
     rawfield(L, e, "verdict");
     if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), verdict_name(r->v.kind)) != 0)
         TEST_FAIL(r, "expected verdict %s, got %s", lua_tostring(L, -1), verdict_name(r->v.kind));
@@ -847,37 +1147,34 @@ static int test_step(lua_State *L)
     return 0;
 }
 
-/* Runs the test table at `t`; returns 1 when it passed, else 0 with `why`. */
-static int run_test(policy_t *p, lua_State *L, int t, char *why, size_t whylen)
+/* Runs the case table at `t` (r says whether it is a test); the caller
+ * frees what r holds. */
+static void run_protected(lua_State *L, test_run_t *r, int t)
 {
-    test_run_t r = {.p = p, .v = VERDICT_INIT};
     lua_pushcfunction(L, test_step);
-    lua_pushlightuserdata(L, &r);
+    lua_pushlightuserdata(L, r);
     lua_pushvalue(L, t);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-        first_line(lua_tostring(L, -1), r.why, sizeof r.why);
-        r.passed = 0;
+        first_line(lua_tostring(L, -1), r->why, sizeof r->why);
+        lua_pop(L, 1);
+        r->passed = 0;
     }
-    snprintf(why, whylen, "%s", r.why);
-    verdict_reset(&r.v);
-    http_head_free(r.req);
-    http_head_free(r.res);
-    return r.passed;
 }
 
-int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, void *arg),
-                     void *arg, char *err, size_t errlen)
+static void test_run_free(test_run_t *r)
 {
-    if (p->tests_ref == LUA_NOREF)
-        return 0;
-    lua_State *L = sandbox_state(p->sandbox);
-    int top = lua_gettop(L), failed = 0;
-    if (!lua_checkstack(L, 8)) {
-        errf(err, errlen, "out of memory");
-        return -1;
-    }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, p->tests_ref);
-    int tests = lua_gettop(L);
+    verdict_reset(&r->v);
+    http_head_free(r->req);
+    http_head_free(r->res);
+}
+
+/* Runs the list of test tables at `tests`; `line_of` says whether their
+ * names can be found in the policy's source. */
+static int run_list(policy_t *p, lua_State *L, int tests, int line_of,
+                    void (*report)(const policy_test_result_t *r, void *arg), void *arg,
+                    char *err, size_t errlen)
+{
+    int failed = 0;
     lua_Integer n = (lua_Integer)lua_rawlen(L, tests);
     p->ctx.testing = 1;
     for (lua_Integer i = 1; i <= n; i++) {
@@ -890,24 +1187,135 @@ int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, 
             break;
         }
         char name[128];
-        lua_pushliteral(L, "name");
-        if (lua_rawget(L, t) == LUA_TSTRING)
+        int line = 0;
+        if (rawfield(L, t, "name") == LUA_TSTRING) {
             snprintf(name, sizeof name, "%s", lua_tostring(L, -1));
-        else
+            line = line_of ? source_line(p, name, 1, 1) : 0;
+        } else {
             snprintf(name, sizeof name, "tests[%lld]", (long long)i);
-        char why[512] = "";
-        int ok = run_test(p, L, t, why, sizeof why);
-        failed += !ok;
+        }
+        test_run_t r = {.p = p, .v = VERDICT_INIT, .expect = 1};
+        run_protected(L, &r, t);
+        test_run_free(&r);
+        failed += !r.passed;
         if (report != NULL) {
-            policy_test_result_t r = {name, ok, why};
-            report(&r, arg);
+            policy_test_result_t res = {name, line, r.passed, r.why};
+            report(&res, arg);
         }
         lua_settop(L, tests);
     }
     p->ctx.testing = 0;
     buf_free(&p->ctx.test_alerts);
+    return failed;
+}
+
+int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, void *arg),
+                     void *arg, char *err, size_t errlen)
+{
+    if (p->tests_ref == LUA_NOREF)
+        return 0;
+    lua_State *L = sandbox_state(p->sandbox);
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, 8)) {
+        errf(err, errlen, "out of memory");
+        return -1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, p->tests_ref);
+    int failed = run_list(p, L, lua_gettop(L), 1, report, arg, err, errlen);
     lua_settop(L, top);
     return failed;
+}
+
+/* Protected: decodes the JSON (1, 2: text and length) into a Lua value. */
+static int decode_step(lua_State *L)
+{
+    lua_api_push_json(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
+    return 1;
+}
+
+/* Pushes the Lua value of `json`, or returns -1 with `err`. */
+static int push_json(policy_t *p, const char *json, size_t len, char *err, size_t errlen)
+{
+    lua_State *L = sandbox_state(p->sandbox);
+    lua_pushcfunction(L, decode_step);
+    lua_pushlightuserdata(L, (void *)json);
+    lua_pushinteger(L, (lua_Integer)len);
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+        first_line(lua_tostring(L, -1), err, errlen);
+        lua_pop(L, 1);
+        return -1;
+    }
+    if (lua_isnil(L, -1)) {
+        errf(err, errlen, "not valid JSON");
+        lua_pop(L, 1);
+        return -1;
+    }
+    return 0;
+}
+
+int policy_run_cases(policy_t *p, const char *json, size_t len,
+                     void (*report)(const policy_test_result_t *r, void *arg), void *arg,
+                     char *err, size_t errlen)
+{
+    lua_State *L = sandbox_state(p->sandbox);
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, 8)) {
+        errf(err, errlen, "out of memory");
+        return -1;
+    }
+    size_t i = 0;
+    while (i < len && (json[i] == ' ' || json[i] == '\t' || json[i] == '\r' || json[i] == '\n'))
+        i++;
+    if (i == len || json[i] != '[') {
+        errf(err, errlen, "the cases must be a JSON array of test objects");
+        return -1;
+    }
+    if (push_json(p, json, len, err, errlen) < 0)
+        return -1;
+    int failed = run_list(p, L, lua_gettop(L), 0, report, arg, err, errlen);
+    lua_settop(L, top);
+    return failed;
+}
+
+int policy_try(policy_t *p, const char *json, size_t len, int64_t now_ms, policy_outcome_t *out,
+               char *err, size_t errlen)
+{
+    lua_State *L = sandbox_state(p->sandbox);
+    int top = lua_gettop(L);
+    memset(out, 0, sizeof *out);
+    if (!lua_checkstack(L, 8)) {
+        errf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (push_json(p, json, len, err, errlen) < 0)
+        return -1;
+    test_run_t r = {.p = p, .v = VERDICT_INIT};
+    p->ctx.testing = 1;
+    p->ctx.replay_now_ms = now_ms;
+    run_protected(L, &r, lua_gettop(L));
+    p->ctx.testing = 0;
+    p->ctx.replay_now_ms = 0;
+    lua_settop(L, top);
+    int rc = 0;
+    if (!r.passed) {
+        errf(err, errlen, "%s", r.why);
+        rc = -1;
+    } else {
+        out->handled = r.handled;
+        out->kind = r.v.kind;
+        snprintf(out->reason, sizeof out->reason, "%s", r.v.reason);
+        out->status = r.v.status;
+        snprintf(out->error, sizeof out->error, "%s", r.failed);
+        out->logs = p->ctx.test_logs;
+        const buf_t *a = &p->ctx.test_alerts;
+        size_t n = a->len < sizeof out->alerts ? a->len : sizeof out->alerts - 1;
+        for (size_t i = 0; i < n; i++)
+            out->alerts[i] = a->data[i] == '\n' ? ',' : a->data[i];
+        out->alerts[n > 0 && out->alerts[n - 1] == ',' ? n - 1 : n] = '\0';
+    }
+    test_run_free(&r);
+    buf_free(&p->ctx.test_alerts);
+    return rc;
 }
 
 /* ---- lifetime ------------------------------------------------------------------- */
@@ -930,5 +1338,6 @@ void policy_release(policy_t *p)
     sandbox_free(p->sandbox);
     buf_free(&p->ctx.test_alerts);
     free(p->path);
+    free(p->src);
     free(p);
 }

@@ -97,13 +97,37 @@ typedef struct {
 
 #define VERDICT_INIT {VERDICT_PASS, -1, "", 0, 0, 0, BUF_INIT, BUF_INIT, 0, NULL}
 
-/* Loads and checks a policy file. Returns NULL with a message that names the
- * file and line in `err`. Warnings (unknown keys...) are logged. */
+/* What loading a policy found: `errors` stop it from loading, `warnings`
+ * (unknown keys...) do not. One "file:line: message\n" per problem; the
+ * line is left out when it cannot be told. */
+typedef struct {
+    buf_t errors;
+    buf_t warnings;
+    int n_errors;
+    int n_warnings;
+} policy_report_t;
+
+#define POLICY_REPORT_INIT {BUF_INIT, BUF_INIT, 0, 0}
+
+void policy_report_free(policy_report_t *r);
+
+/* Loads and checks the policy source `src` (what the file `path` held):
+ * runs its chunk, reads its settings and handlers. Every problem found goes
+ * to `rep`; returns NULL when there was an error. */
+policy_t *policy_load_text(const char *path, const char *src, size_t len, policy_report_t *rep);
+
+/* Reads a policy file (at most 4 MiB). Returns the text (free() it) and its
+ * length, or NULL with a message in `err`. */
+char *policy_read_file(const char *path, size_t *len, char *err, size_t errlen);
+
+/* Reads and loads a policy file. Returns NULL with the first problem (file
+ * and line named) in `err`. Warnings are logged. */
 policy_t *policy_load(const char *path, char *err, size_t errlen);
 
 /* One result of policy_run_tests(). */
 typedef struct {
     const char *name;
+    int line;            /* where the test is in the policy file, 0 when unknown */
     int passed;
     const char *message; /* why it failed */
 } policy_test_result_t;
@@ -115,6 +139,31 @@ typedef struct {
 int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, void *arg),
                      void *arg, char *err, size_t errlen);
 
+/* Runs external test cases: `json` is a JSON array of test tables in the
+ * form of p.tests (see README). Same reporting and result as
+ * policy_run_tests(); -1 when the JSON is not such an array. */
+int policy_run_cases(policy_t *p, const char *json, size_t len,
+                     void (*report)(const policy_test_result_t *r, void *arg), void *arg,
+                     char *err, size_t errlen);
+
+/* What a handler decided for one case, without expectations. */
+typedef struct {
+    int handled;          /* a handler ran (else the response passes untouched) */
+    verdict_kind_t kind;
+    char reason[VERDICT_REASON_MAX + 1];
+    int status;           /* respond{}'s */
+    char alerts[256];     /* names of the alerts raised, comma-separated */
+    int logs;             /* log{} records written */
+    char error[256];      /* the handler failed ("" when it did not) */
+} policy_outcome_t;
+
+/* Asks the policy about one case (a JSON object in the form of a test,
+ * without `expect`) as if it happened at `now_ms` (wall clock): errord.count
+ * windows are real and move with that clock; logs and alerts stay inside.
+ * Returns 0, or -1 with `err` when the case itself is malformed. */
+int policy_try(policy_t *p, const char *json, size_t len, int64_t now_ms, policy_outcome_t *out,
+               char *err, size_t errlen);
+
 /* Reference counting: the loader's reference is released with
  * policy_release(); the last release frees. Same thread only. */
 void policy_hold(policy_t *p);
@@ -122,6 +171,20 @@ void policy_release(policy_t *p);
 
 const policy_settings_t *policy_settings(const policy_t *p);
 const char *policy_path(const policy_t *p);
+
+/* Whether the header `name` (`n` bytes, lower case) holds a secret whose
+ * value errord never writes out (SPEC §6). `p` may be NULL. */
+int policy_header_secret(const policy_t *p, const char *name, size_t n);
+
+/* The SHA-256 of the policy's source, 64 hex digits. */
+const char *policy_sha256(const policy_t *p);
+
+/* When it was loaded, wall-clock ms. */
+int64_t policy_loaded_at(const policy_t *p);
+
+/* How many handlers it has (exact statuses, classes, default, error), and
+ * tests. */
+void policy_describe(const policy_t *p, int *handlers, int *tests);
 
 /* Whether a response with `status` goes to a handler. */
 int policy_handles(const policy_t *p, int status);

@@ -247,11 +247,11 @@ TEST(policy_bad_handler_keys_are_load_errors)
     } cases[] = {
         {"return { ['404'] = function() end }", "handler key \"404\" is a string: write [404]"},
         {"return { ['503'] = function() end }", "write [503], a number"},
-        {"return { [700] = function() end }", "handler key 700 is not a status from 100 to 599"},
-        {"return { [99] = function() end }", "handler key 99 is not a status from 100 to 599"},
+        {"return { [700] = function() end }", "keys.lua:1: handler key [700] is not a status from 100 to 599"},
+        {"return { [99] = function() end }", "handler key [99] is not a status from 100 to 599"},
         {"return { [0] = function() end }", "is not a status from 100 to 599"},
-        {"return { [404.5] = function() end }", "handler key 404.5 is not a status"},
-        {"return { [404] = 'retry' }", "handler [404] must be a function, not a string"},
+        {"return { [404.5] = function() end }", "handler key [404.5] is not a status"},
+        {"return { [404] = 'retry' }", "keys.lua:1: handler [404] must be a function, not a string"},
         {"return { [500] = { reason = 'x' } }", "handler [500] must be a function, not a table"},
         {"return { ['5xx'] = true }", "handler 5xx must be a function, not a boolean"},
         {"return { default = 1 }", "handler default must be a function, not a number"},
@@ -285,11 +285,10 @@ TEST(policy_unknown_keys_only_warn)
                                 "}\n",
                                 &lg);
     ASSERT_LOADED(p);
-    ASSERT_CONTAINS(lg.data, "unknown policy key ignored");
-    ASSERT_CONTAINS(lg.data, "\"retries\"");
-    ASSERT_CONTAINS(lg.data, "\"on_error\"");
-    ASSERT_CONTAINS(lg.data, "\"6xx\"");
-    ASSERT_CONTAINS(lg.data, "unknown.lua");
+    /* each named with the line it is on */
+    ASSERT_CONTAINS(lg.data, "unknown.lua:3: unknown key 'retries' ignored");
+    ASSERT_CONTAINS(lg.data, "unknown.lua:4: unknown key '6xx' ignored");
+    ASSERT_CONTAINS(lg.data, "unknown.lua:5: unknown key 'on_error' ignored");
     ASSERT(policy_handles(p, 500));
     ASSERT(!policy_handles_errors(p));
     buf_free(&lg);
@@ -1687,10 +1686,9 @@ TEST(policy_settings_unknown_keys_warn)
     ASSERT_LOADED(p);
     ASSERT_EQ(policy_settings(p)->attempts, 2);
     ASSERT_EQ(policy_settings(p)->backoff_base_ms, 10);
-    ASSERT_CONTAINS(lg.data, "unknown setting ignored");
-    ASSERT_CONTAINS(lg.data, "\"retries\"");
-    ASSERT_CONTAINS(lg.data, "\"max\"");
-    ASSERT_CONTAINS(lg.data, "\"cpu\"");
+    ASSERT_CONTAINS(lg.data, "unknown_settings.lua:1: settings: unknown key 'retries' (ignored)");
+    ASSERT_CONTAINS(lg.data, ":2: settings.backoff: unknown key 'max' (ignored)");
+    ASSERT_CONTAINS(lg.data, ":2: settings.limits: unknown key 'cpu' (ignored)");
     buf_free(&lg);
     policy_release(p);
 }
