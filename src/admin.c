@@ -16,10 +16,18 @@
 
 #define ADMIN_TIMEOUT_MS 10000
 
+typedef struct {
+    http_method_t method;
+    char *path;
+    admin_handler_t fn;
+    void *arg;
+} route_t;
+
 struct admin_s {
     uv_loop_t *loop;
     uv_tcp_t listener;
-    admin_sources_t src;
+    route_t *routes;
+    size_t n_routes;
     http_limits_t limits;
     list_t conns;
     int closing;
@@ -96,23 +104,32 @@ static void route(conn_t *c)
 {
     admin_t *a = c->admin;
     const http_head_t *h = c->req;
-    int get = h->method == HTTP_M_GET || h->method == HTTP_M_HEAD;
-    buf_t b = BUF_INIT;
-    if (path_is(h, "/healthz") && get) {
-        buf_lit(&b, "{\"status\":\"ok\"}\n");
-        respond(c, 200, "application/json", b.data, b.len);
-    } else if (path_is(h, "/alerts") && get) {
-        if (a->src.alerts != NULL)
-            a->src.alerts(a->src.arg, &b);
+    http_method_t m = h->method == HTTP_M_HEAD ? HTTP_M_GET : h->method;
+    const route_t *found = NULL;
+    buf_t allow = BUF_INIT;
+    for (size_t i = 0; i < a->n_routes && found == NULL; i++) {
+        const route_t *r = &a->routes[i];
+        if (!path_is(h, r->path))
+            continue;
+        if (r->method == m)
+            found = r;
         else
-            buf_lit(&b, "{\"alerts\":[],\"sinks\":[]}\n");
-        respond(c, 200, "application/json", b.data, b.len);
-    } else if (path_is(h, "/healthz") || path_is(h, "/alerts")) {
-        respond_json(c, 405, "use GET");
+            buf_printf(&allow, "%s%s", allow.len ? ", " : "", r->method == HTTP_M_POST ? "POST" : "GET");
+    }
+    if (found != NULL) {
+        admin_reply_t reply = {200, "application/json", BUF_INIT};
+        found->fn(found->arg, h, &reply);
+        respond(c, reply.status, reply.type, reply.body.data ? reply.body.data : "",
+                reply.body.len);
+        buf_free(&reply.body);
+    } else if (allow.len > 0) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "use %s", allow.data);
+        respond_json(c, 405, msg);
     } else {
         respond_json(c, 404, "no such admin route");
     }
-    buf_free(&b);
+    buf_free(&allow);
 }
 
 static int on_head(void *ud, http_head_t *head)
@@ -193,11 +210,35 @@ static void on_connection(uv_stream_t *server, int status)
 
 static void on_failed_closed(uv_handle_t *h)
 {
-    free(h->data);
+    admin_free(h->data);
 }
 
-admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, const admin_sources_t *sources,
-                     int *err)
+static void healthz(void *arg, const http_head_t *req, admin_reply_t *reply)
+{
+    (void)arg;
+    (void)req;
+    buf_lit(&reply->body, "{\"status\":\"ok\"}\n");
+}
+
+int admin_route(admin_t *a, http_method_t method, const char *path, admin_handler_t fn,
+                void *arg)
+{
+    route_t *r = realloc(a->routes, (a->n_routes + 1) * sizeof *r);
+    if (r == NULL)
+        return -ENOMEM;
+    a->routes = r;
+    r += a->n_routes;
+    r->path = strdup(path);
+    if (r->path == NULL)
+        return -ENOMEM;
+    r->method = method;
+    r->fn = fn;
+    r->arg = arg;
+    a->n_routes++;
+    return 0;
+}
+
+admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, int *err)
 {
     admin_t *a = calloc(1, sizeof *a);
     if (a == NULL) {
@@ -205,7 +246,6 @@ admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, const admin_sources_t
         return NULL;
     }
     a->loop = loop;
-    a->src = *sources;
     a->limits.max_line = 8192;
     a->limits.max_head = 65536;
     list_init(&a->conns);
@@ -214,6 +254,8 @@ admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, const admin_sources_t
     int rc = uv_tcp_bind(&a->listener, (const struct sockaddr *)&cfg->admin_addr, 0);
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&a->listener, 64, on_connection);
+    if (rc == 0)
+        rc = admin_route(a, HTTP_M_GET, "/healthz", healthz, NULL);
     if (rc < 0) {
         *err = rc;
         uv_close((uv_handle_t *)&a->listener, on_failed_closed); /* frees it */
@@ -221,11 +263,6 @@ admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, const admin_sources_t
     }
     *err = 0;
     return a;
-}
-
-void admin_set_arg(admin_t *a, void *arg)
-{
-    a->src.arg = arg;
 }
 
 int admin_address(admin_t *a, char *out, size_t n)
@@ -269,5 +306,10 @@ void admin_close(admin_t *a, void (*done)(void *arg), void *arg)
 
 void admin_free(admin_t *a)
 {
+    if (a == NULL)
+        return;
+    for (size_t i = 0; i < a->n_routes; i++)
+        free(a->routes[i].path);
+    free(a->routes);
     free(a);
 }

@@ -1,30 +1,35 @@
 /* admin: the admin port (SPEC §5). A small HTTP server on its own listener
  * that only ever answers errord's own routes, never proxies. It runs on the
- * main event loop and reads the rest of errord through the callbacks it is
- * given. */
+ * main event loop and reads the rest of errord through the route handlers
+ * it is given. */
 #ifndef ERRORD_ADMIN_H
 #define ERRORD_ADMIN_H
 
 #include "buf.h"
 #include "config.h"
+#include "http.h"
 
 #include <uv.h>
 
 typedef struct admin_s admin_t;
 
-/* What the admin port asks the rest of errord. */
+/* What a route handler answers: 200 and JSON unless it says otherwise. */
 typedef struct {
-    /* GET /alerts: appends the JSON body. */
-    void (*alerts)(void *arg, buf_t *out);
-    void *arg;
-} admin_sources_t;
+    int status;
+    const char *type;
+    buf_t body;
+} admin_reply_t;
 
-/* Listens on cfg->admin_addr. Returns NULL with a libuv error in *err. */
-admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, const admin_sources_t *sources,
-                     int *err);
+typedef void (*admin_handler_t)(void *arg, const http_head_t *req, admin_reply_t *reply);
 
-/* Sets the `arg` the sources are called with. */
-void admin_set_arg(admin_t *a, void *arg);
+/* Listens on cfg->admin_addr. Serves GET /healthz itself; the other routes
+ * are added with admin_route(). Returns NULL with a libuv error in *err. */
+admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, int *err);
+
+/* Answers `method` (GET also answers HEAD) on `path` with `fn`. Returns 0
+ * or -ENOMEM. */
+int admin_route(admin_t *a, http_method_t method, const char *path, admin_handler_t fn,
+                void *arg);
 
 /* The address it listens on, "127.0.0.1:9901". */
 int admin_address(admin_t *a, char *out, size_t n);

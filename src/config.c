@@ -33,6 +33,8 @@ static const option_t OPTIONS[] = {
         "the Lua policy (default: lua/default.lua of the install; off: none)"),
     OPT("admin", "ERRORD_ADMIN", OPT_STR, admin, "127.0.0.1:9901", "ADDR:PORT",
         "the admin port (/healthz, /alerts...); off: none"),
+    OPT("watch", "ERRORD_WATCH", OPT_BOOL, watch, "0", NULL,
+        "reload the policy when its file changes (SIGHUP and POST /reload always do)"),
     OPT("workers", "ERRORD_WORKERS", OPT_COUNT, workers, "1", "N",
         "event loops, each on its own thread"),
     OPT("log-level", "ERRORD_LOG_LEVEL", OPT_STR, log_level_name, "info", "LEVEL",

@@ -19,6 +19,7 @@
 #include "policy.h"
 #include "upstream.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +55,8 @@ typedef struct {
     uint64_t ns;
     uint64_t held_ms;  /* held by a cooldown before it started */
     int64_t delay_ms;  /* waited after it before the next attempt, -1: none */
+    uint32_t seen_off; /* what its handler saw, JSON in txn.seen, for replays */
+    uint32_t seen_len;
 } attempt_t;
 
 typedef struct {
@@ -85,6 +88,7 @@ typedef struct {
     uint64_t res_bytes;  /* bytes received from the upstream on this attempt */
     attempt_t attempts[MAX_ATTEMPTS];
     int n_attempts;
+    buf_t seen;          /* what handlers saw (attempt_t.seen_off) */
     unsigned req_done : 1;    /* the whole request was read */
     unsigned replayable : 1;  /* `body` holds the whole body read so far */
     unsigned up_ready : 1;    /* the upstream connection is usable */
@@ -256,6 +260,61 @@ static void write_error(client_t *c, txn_t *t, int status, const char *message, 
 
 /* ---- the access record (SPEC §6) ----------------------------------------------- */
 
+/* What a replay gets of a response body at most. */
+#define SEEN_BODY_MAX 4096
+
+/* Appends the headers of `h` as a JSON object, names in lower case, the
+ * values of secret headers (SPEC §6) redacted. */
+static void json_headers(const policy_t *policy, buf_t *b, const http_head_t *h)
+{
+    buf_lit(b, "{");
+    for (size_t i = 0; i < h->n_headers; i++) {
+        const http_header_t *f = &h->headers[i];
+        char name[128];
+        size_t n = f->name_len < sizeof name ? f->name_len : sizeof name;
+        for (size_t j = 0; j < n; j++)
+            name[j] = (char)tolower((unsigned char)f->name[j]);
+        buf_puts(b, i ? ",\"" : "\"");
+        buf_json_escape(b, name, n);
+        buf_lit(b, "\":\"");
+        if (policy_header_secret(policy, name, n))
+            buf_lit(b, "[redacted]");
+        else
+            buf_json_escape(b, f->value, f->value_len);
+        buf_lit(b, "\"");
+    }
+    buf_lit(b, "}");
+}
+
+/* Notes in the ledger line `a` what its handler was shown: the response's
+ * headers and (up to SEEN_BODY_MAX) body, or the failure's message. */
+static void note_seen(txn_t *t, attempt_t *a, const char *message)
+{
+    if (a == NULL)
+        return;
+    size_t start = t->seen.len;
+    if (message != NULL) {
+        buf_lit(&t->seen, ",\"message\":\"");
+        buf_json_escape(&t->seen, message, strlen(message));
+        buf_lit(&t->seen, "\"");
+    } else {
+        buf_lit(&t->seen, ",\"headers\":");
+        json_headers(t->policy, &t->seen, t->res);
+        if (t->res_over) {
+            buf_lit(&t->seen, ",\"body_over_limit\":true");
+        } else {
+            size_t n = t->res_body.len < SEEN_BODY_MAX ? t->res_body.len : SEEN_BODY_MAX;
+            buf_lit(&t->seen, ",\"body\":\"");
+            buf_json_escape(&t->seen, t->res_body.data ? t->res_body.data : "", n);
+            buf_lit(&t->seen, "\"");
+            if (n < t->res_body.len)
+                buf_lit(&t->seen, ",\"body_truncated\":true");
+        }
+    }
+    a->seen_off = (uint32_t)start;
+    a->seen_len = (uint32_t)(t->seen.len - start);
+}
+
 static void log_access(txn_t *t)
 {
     log_record_t *r = log_begin(LOG_INFO, NULL);
@@ -319,6 +378,8 @@ static void log_access(txn_t *t)
             buf_lit(&a, ",\"delay_ms\":");
             buf_put_u64(&a, (uint64_t)at->delay_ms);
         }
+        if (at->seen_len > 0)
+            buf_append(&a, t->seen.data + at->seen_off, at->seen_len);
         buf_lit(&a, "}");
     }
     buf_lit(&a, "]");
@@ -326,6 +387,14 @@ static void log_access(txn_t *t)
     buf_free(&a);
     log_int(r, "retries", t->retries);
     log_int(r, "waited_ms", (int64_t)t->waited_ms);
+    if (t->policy != NULL)
+        log_str(r, "policy_sha256", policy_sha256(t->policy));
+    if (t->seen.len > 0) { /* a handler ran: the request it saw, for replays */
+        buf_t h = BUF_INIT;
+        json_headers(t->policy, &h, t->req);
+        log_raw(r, "req_headers", h.data, h.len);
+        buf_free(&h);
+    }
     if (t->error != NULL)
         log_str(r, "error", t->error);
     log_end(r);
@@ -361,6 +430,7 @@ static void txn_free(txn_t *t)
     http_head_free(t->last_res);
     buf_free(&t->res_body);
     buf_free(&t->last_body);
+    buf_free(&t->seen);
     buf_free(&t->head);
     buf_free(&t->body);
     free(t);
@@ -916,6 +986,7 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
         verdict_t v = VERDICT_INIT;
         policy_decide(t->policy, &in, &v);
         note_verdict(a, &v);
+        note_seen(t, a, message);
         int scheduled = v.kind == VERDICT_RETRY && txn_apply_retry(t, a, &v);
         int responded = v.kind == VERDICT_RESPOND && txn_respond(t, &v) < 0;
         verdict_reset(&v);
@@ -1093,6 +1164,7 @@ static int txn_decide(txn_t *t, int extra_bytes)
     t->holding = 0;
     attempt_t *a = attempt_end(t, t->res->status, NULL);
     note_verdict(a, &v);
+    note_seen(t, a, NULL);
     if (v.kind == VERDICT_RETRY) {
         int reusable = response_reusable(t, extra_bytes);
         if (txn_apply_retry(t, a, &v)) {
@@ -1637,21 +1709,16 @@ static void on_check(uv_check_t *h)
 }
 
 proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
-                   const char *policy_path, char *err, size_t errlen)
+                   policy_t *policy, char *err, size_t errlen)
 {
     proxy_t *p = calloc(1, sizeof *p);
     if (p == NULL) {
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    if (policy_path != NULL) {
-        /* Each event loop has its own Lua state. */
-        p->policy = policy_load(policy_path, err, errlen);
-        if (p->policy == NULL) {
-            free(p);
-            return NULL;
-        }
-    }
+    p->policy = policy;
+    if (policy != NULL)
+        policy_hold(policy);
     p->rbuf = malloc(READ_BUF_SIZE);
     if (p->rbuf == NULL) {
         policy_release(p->policy);
@@ -1688,6 +1755,13 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
     uv_check_start(&p->flusher, on_check);
     p->open_handles = 2;
     return p;
+}
+
+void proxy_set_policy(proxy_t *p, policy_t *policy)
+{
+    policy_hold(policy);
+    policy_release(p->policy); /* freed once its last request ends */
+    p->policy = policy;
 }
 
 int proxy_listen(proxy_t *p)

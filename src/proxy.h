@@ -6,6 +6,7 @@
 #define ERRORD_PROXY_H
 
 #include "config.h"
+#include "policy.h"
 
 #include <stdatomic.h>
 #include <uv.h>
@@ -17,10 +18,16 @@ typedef struct {
 
 typedef struct proxy_s proxy_t;
 
-/* Creates the proxy of `loop`, with its own instance of the policy at
- * `policy_path` (NULL: no policy). Returns NULL with a message in `err`. */
+/* Creates the proxy of `loop`, running `policy` (NULL: none), an instance
+ * of its own: a Lua state belongs to one loop. The proxy takes a reference.
+ * Returns NULL with a message in `err`. */
 proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
-                   const char *policy_path, char *err, size_t errlen);
+                   policy_t *policy, char *err, size_t errlen);
+
+/* Runs `policy` (an instance of its own, not NULL) for the requests that
+ * start from now on; those in flight finish under the one they started
+ * with, which is freed when the last of them ends. On the proxy's loop. */
+void proxy_set_policy(proxy_t *p, policy_t *policy);
 
 /* Binds and listens on --listen (with SO_REUSEPORT, so that every event loop
  * can have its own listener). Returns 0 or a libuv error. */

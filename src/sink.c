@@ -47,7 +47,7 @@ typedef struct {
 struct sinks_s {
     uv_loop_t *loop;
     uv_timer_t tick;
-    sink_t *sink;
+    sink_t **sink; /* pointers: a delivery in flight points at its sink */
     size_t n;
     known_t *known;
     size_t n_known;
@@ -375,10 +375,10 @@ static void notify(sinks_t *s, const alert_info_t *a, int resolved)
 {
     buf_t b = BUF_INIT;
     for (size_t i = 0; i < s->n; i++) {
-        if (s->sink[i].cfg.kind == SINK_ALERTMANAGER)
+        if (s->sink[i]->cfg.kind == SINK_ALERTMANAGER)
             continue; /* it gets the batch of collect() */
-        notice(s, &s->sink[i], a, resolved, &b);
-        enqueue(&s->sink[i], &b);
+        notice(s, s->sink[i], a, resolved, &b);
+        enqueue(s->sink[i], &b);
     }
     buf_free(&b);
 }
@@ -426,8 +426,8 @@ static void collect(sinks_t *s)
     buf_lit(&am, "]");
     if (am_n > 0) /* Alertmanager: each URL gets it (a cluster de-duplicates) */
         for (size_t i = 0; i < s->n; i++)
-            if (s->sink[i].cfg.kind == SINK_ALERTMANAGER)
-                enqueue(&s->sink[i], &am);
+            if (s->sink[i]->cfg.kind == SINK_ALERTMANAGER)
+                enqueue(s->sink[i], &am);
     buf_free(&am);
     alert_snapshot_free(alerts, n);
 }
@@ -435,8 +435,8 @@ static void collect(sinks_t *s)
 static int all_idle(const sinks_t *s)
 {
     for (size_t i = 0; i < s->n; i++)
-        if (s->sink[i].inflight != NULL ||
-            (s->sink[i].head != NULL && s->sink[i].undeliverable == NULL))
+        if (s->sink[i]->inflight != NULL ||
+            (s->sink[i]->head != NULL && s->sink[i]->undeliverable == NULL))
             return 0;
     return 1;
 }
@@ -453,12 +453,12 @@ static void on_tick(uv_timer_t *t)
     sinks_t *s = t->data;
     collect(s);
     for (size_t i = 0; i < s->n; i++)
-        pump(&s->sink[i]);
+        pump(s->sink[i]);
     if (s->closing && (all_idle(s) || clock_now_ms() >= s->close_by)) {
         for (size_t i = 0; i < s->n; i++) {
-            if (s->sink[i].inflight != NULL) {
-                httpc_cancel(s->sink[i].inflight);
-                s->sink[i].inflight = NULL;
+            if (s->sink[i]->inflight != NULL) {
+                httpc_cancel(s->sink[i]->inflight);
+                s->sink[i]->inflight = NULL;
             }
         }
         uv_close((uv_handle_t *)&s->tick, on_closed);
@@ -472,6 +472,165 @@ static char *dup_or_null(const char *s)
     return s != NULL ? strdup(s) : NULL;
 }
 
+static int same_str(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+static void sink_free(sink_t *k)
+{
+    if (k == NULL)
+        return;
+    if (k->inflight != NULL)
+        httpc_cancel(k->inflight);
+    while (k->head != NULL)
+        pop(k);
+    free(k->cfg.url);
+    free(k->cfg.headers);
+    free(k->cfg.routing_key);
+    free(k);
+}
+
+static sink_t *sink_new(sinks_t *s, const policy_sink_t *c)
+{
+    sink_t *k = calloc(1, sizeof *k);
+    if (k == NULL)
+        return NULL;
+    k->owner = s;
+    k->cfg = *c;
+    k->cfg.url = strdup(c->url);
+    k->cfg.headers = dup_or_null(c->headers);
+    k->cfg.routing_key = dup_or_null(c->routing_key);
+    if (k->cfg.url == NULL || (c->headers && !k->cfg.headers) ||
+        (c->routing_key && !k->cfg.routing_key)) {
+        sink_free(k);
+        return NULL;
+    }
+    k->tokens = c->rate_per_min < 10 ? 1 : c->rate_per_min / 10.0;
+    k->refilled_ms = clock_now_ms();
+    char url[1100];
+    snprintf(url, sizeof url, "%s", c->url);
+    if (c->kind == SINK_ALERTMANAGER) {
+        size_t len = strlen(url);
+        while (len > 0 && url[len - 1] == '/')
+            url[--len] = '\0';
+        snprintf(url + len, sizeof url - len, "/api/v2/alerts");
+    }
+    int rc = httpc_parse_url(url, &k->url);
+    if (rc == -EPROTONOSUPPORT)
+        k->undeliverable = "https needs TLS, which this build of errord does not have";
+    else if (rc < 0)
+        k->undeliverable = "the URL is not a valid http:// URL";
+    if (k->undeliverable != NULL) {
+        log_record_t *r = log_begin(LOG_WARN, "alert sink cannot be delivered to");
+        log_str(r, "sink", KIND_NAME[c->kind]);
+        log_str(r, "url", c->url);
+        log_str(r, "reason", k->undeliverable);
+        log_end(r);
+    }
+    return k;
+}
+
+/* Whether `k` delivers what `c` describes: same kind, place and identity. */
+static int sink_is(const sink_t *k, const policy_sink_t *c)
+{
+    return k->cfg.kind == c->kind && strcmp(k->cfg.url, c->url) == 0 &&
+           same_str(k->cfg.headers, c->headers) && same_str(k->cfg.routing_key, c->routing_key);
+}
+
+/* Starts the tick when there is a sink to deliver to, stops it otherwise. */
+static void schedule(sinks_t *s)
+{
+    if (s->closing)
+        return;
+    if (s->n > 0 && !uv_is_active((uv_handle_t *)&s->tick))
+        uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
+    else if (s->n == 0)
+        uv_timer_stop(&s->tick);
+}
+
+/* Tells a sink that joins about the alerts already firing. */
+static void introduce(sinks_t *s, sink_t *k)
+{
+    alert_info_t *alerts;
+    size_t n;
+    if (k->cfg.kind == SINK_ALERTMANAGER || alert_snapshot(&alerts, &n) < 0)
+        return; /* Alertmanager hears of them with the next repeat */
+    buf_t b = BUF_INIT;
+    for (size_t i = 0; i < n; i++) {
+        if (find_known(s, &alerts[i]) == NULL)
+            continue; /* new to everyone: the next tick announces it */
+        notice(s, k, &alerts[i], 0, &b);
+        enqueue(k, &b);
+    }
+    buf_free(&b);
+    alert_snapshot_free(alerts, n);
+}
+
+int sinks_update(sinks_t *s, const policy_settings_t *settings)
+{
+    size_t n = settings->n_sinks;
+    sink_t **next = calloc(n + 1, sizeof *next);
+    unsigned char *kept = calloc(n + 1, 1);
+    if (next == NULL || kept == NULL)
+        goto nomem;
+    /* first what can fail: the sinks that are new */
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < s->n && !kept[i]; j++)
+            if (sink_is(s->sink[j], &settings->sinks[i]))
+                kept[i] = 1;
+        if (!kept[i] && (next[i] = sink_new(s, &settings->sinks[i])) == NULL)
+            goto nomem;
+    }
+    /* then the ones kept move over, with their queues and counts */
+    for (size_t i = 0; i < n; i++) {
+        const policy_sink_t *c = &settings->sinks[i];
+        for (size_t j = 0; kept[i] && next[i] == NULL && j < s->n; j++) {
+            if (s->sink[j] != NULL && sink_is(s->sink[j], c)) {
+                next[i] = s->sink[j];
+                s->sink[j] = NULL;
+                next[i]->cfg.rate_per_min = c->rate_per_min;
+                next[i]->cfg.queue = c->queue;
+                next[i]->cfg.timeout_ms = c->timeout_ms;
+            }
+        }
+        if (next[i] == NULL) /* the same sink listed twice: a second one */
+            next[i] = sink_new(s, c);
+        if (next[i] != NULL && !kept[i])
+            introduce(s, next[i]);
+    }
+    for (size_t j = 0; j < s->n; j++) {
+        sink_t *k = s->sink[j];
+        if (k != NULL && k->queued > 0) {
+            log_record_t *r = log_begin(LOG_WARN, "alert sink removed; its queue is dropped");
+            log_str(r, "sink", KIND_NAME[k->cfg.kind]);
+            log_str(r, "url", k->cfg.url);
+            log_int(r, "dropped", k->queued);
+            log_end(r);
+        }
+        sink_free(k);
+    }
+    free(s->sink);
+    free(kept);
+    s->sink = next;
+    s->n = 0;
+    for (size_t i = 0; i < n; i++) /* drops a second copy that found no memory */
+        if (next[i] != NULL)
+            next[s->n++] = next[i];
+    s->resolve_after_ms = settings->resolve_after_ms;
+    s->repeat_ms = settings->repeat_ms;
+    schedule(s);
+    return 0;
+
+nomem:
+    for (size_t i = 0; next != NULL && kept != NULL && i < n; i++)
+        if (!kept[i])
+            sink_free(next[i]);
+    free(next);
+    free(kept);
+    return -ENOMEM;
+}
+
 sinks_t *sinks_new(uv_loop_t *loop, const policy_settings_t *settings, const char *upstream,
                    const char *generator_url)
 {
@@ -479,51 +638,15 @@ sinks_t *sinks_new(uv_loop_t *loop, const policy_settings_t *settings, const cha
     if (s == NULL)
         return NULL;
     s->loop = loop;
-    s->resolve_after_ms = settings->resolve_after_ms;
-    s->repeat_ms = settings->repeat_ms;
     s->upstream = strdup(upstream);
     s->generator_url = dup_or_null(generator_url);
-    s->sink = calloc(settings->n_sinks + 1, sizeof *s->sink);
-    if (s->upstream == NULL || s->sink == NULL) {
+    uv_timer_init(loop, &s->tick);
+    s->tick.data = s;
+    if (s->upstream == NULL || (generator_url != NULL && s->generator_url == NULL) ||
+        sinks_update(s, settings) < 0) {
         sinks_free(s);
         return NULL;
     }
-    for (size_t i = 0; i < settings->n_sinks; i++) {
-        sink_t *k = &s->sink[i];
-        const policy_sink_t *c = &settings->sinks[i];
-        k->owner = s;
-        k->cfg = *c;
-        k->cfg.url = strdup(c->url);
-        k->cfg.headers = dup_or_null(c->headers);
-        k->cfg.routing_key = dup_or_null(c->routing_key);
-        k->tokens = c->rate_per_min < 10 ? 1 : c->rate_per_min / 10.0;
-        k->refilled_ms = clock_now_ms();
-        s->n = i + 1;
-        char url[1100];
-        snprintf(url, sizeof url, "%s", c->url);
-        if (c->kind == SINK_ALERTMANAGER) {
-            size_t len = strlen(url);
-            while (len > 0 && url[len - 1] == '/')
-                url[--len] = '\0';
-            snprintf(url + len, sizeof url - len, "/api/v2/alerts");
-        }
-        int rc = httpc_parse_url(url, &k->url);
-        if (rc == -EPROTONOSUPPORT)
-            k->undeliverable = "https needs TLS, which this build of errord does not have";
-        else if (rc < 0)
-            k->undeliverable = "the URL is not a valid http:// URL";
-        if (k->undeliverable != NULL) {
-            log_record_t *r = log_begin(LOG_WARN, "alert sink cannot be delivered to");
-            log_str(r, "sink", KIND_NAME[c->kind]);
-            log_str(r, "url", c->url);
-            log_str(r, "reason", k->undeliverable);
-            log_end(r);
-        }
-    }
-    uv_timer_init(loop, &s->tick);
-    s->tick.data = s;
-    if (s->n > 0) /* with no sink there is nothing to do between ticks */
-        uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
     return s;
 }
 
@@ -552,7 +675,7 @@ void sinks_state_json(sinks_t *s, buf_t *out)
     alert_snapshot_free(alerts, n);
     buf_lit(out, "],\"sinks\":[");
     for (size_t i = 0; s != NULL && i < s->n; i++) {
-        const sink_t *k = &s->sink[i];
+        const sink_t *k = s->sink[i];
         const char *state = k->undeliverable != NULL                      ? "undeliverable"
                             : k->last_status >= 200 && k->last_status < 300 ? "ok"
                             : k->sent == 0 && k->failed == 0                ? "idle"
@@ -583,14 +706,8 @@ void sinks_free(sinks_t *s)
 {
     if (s == NULL)
         return;
-    for (size_t i = 0; i < s->n; i++) {
-        sink_t *k = &s->sink[i];
-        while (k->head != NULL)
-            pop(k);
-        free(k->cfg.url);
-        free(k->cfg.headers);
-        free(k->cfg.routing_key);
-    }
+    for (size_t i = 0; i < s->n; i++)
+        sink_free(s->sink[i]);
     for (size_t i = 0; i < s->n_known; i++)
         free(s->known[i].key);
     free(s->known);

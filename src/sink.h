@@ -26,6 +26,13 @@ typedef struct sinks_s sinks_t;
 sinks_t *sinks_new(uv_loop_t *loop, const policy_settings_t *settings, const char *upstream,
                    const char *generator_url);
 
+/* Delivers to the sinks of `settings` from now on (a reloaded policy's):
+ * a sink that stays (same kind, URL, headers and key) keeps its queue and
+ * counts, a new one is told of the alerts already firing, a removed one's
+ * queue is dropped (and logged). Returns 0, or -ENOMEM with nothing
+ * changed. */
+int sinks_update(sinks_t *s, const policy_settings_t *settings);
+
 /* Appends the JSON of the firing alerts and of each sink's delivery state,
  * {"alerts":[...],"sinks":[...]}, to `out`. */
 void sinks_state_json(sinks_t *s, buf_t *out);
