@@ -315,8 +315,10 @@ static int read_sink(policy_t *p, lua_State *L, int e, int nth, policy_sink_t *k
                 buf_printf(&b, "%s: %s\r\n", name, val);
             lua_pop(L, ok ? 1 : 2);
         }
-        if (ok && b.len > 0 && buf_append(&b, "", 1) < 0) /* a C string */
+        if (ok && b.len > 0 && buf_append(&b, "", 1) < 0) { /* a C string */
+            buf_free(&b);
             luaL_error(L, "out of memory");
+        }
         if (!ok) {
             buf_free(&b);
             problem(p, source_line(p, "headers", 1, 0), 0,
