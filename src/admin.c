@@ -65,15 +65,17 @@ static void on_conn_closed(io_t *io)
     maybe_done(a);
 }
 
-static void respond(conn_t *c, int status, const char *type, const char *body, size_t len)
+/* Answers and closes; `extra` is more header lines ("Name: value\r\n") or "". */
+static void respond(conn_t *c, int status, const char *type, const char *body, size_t len,
+                    const char *extra)
 {
     char date[32];
     clock_http_date(time(NULL), date);
     buf_t b = BUF_INIT;
     buf_printf(&b,
                "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nDate: %s\r\n"
-               "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-               status, http_reason(status), type, len, date);
+               "Cache-Control: no-store\r\n%sConnection: close\r\n\r\n",
+               status, http_reason(status), type, len, date, extra);
     if (c->req == NULL || c->req->method != HTTP_M_HEAD)
         buf_append(&b, body, len);
     io_append(&c->io, b.data, b.len);
@@ -82,13 +84,13 @@ static void respond(conn_t *c, int status, const char *type, const char *body, s
     io_close_after_flush(&c->io, 1000);
 }
 
-static void respond_json(conn_t *c, int status, const char *message)
+static void respond_json(conn_t *c, int status, const char *message, const char *extra)
 {
     buf_t b = BUF_INIT;
     buf_lit(&b, "{\"message\":\"");
     buf_json_escape(&b, message, strlen(message));
     buf_lit(&b, "\"}\n");
-    respond(c, status, "application/json", b.data, b.len);
+    respond(c, status, "application/json", b.data, b.len, extra);
     buf_free(&b);
 }
 
@@ -114,20 +116,20 @@ static void route(conn_t *c)
         if (r->method == m)
             found = r;
         else
-            buf_printf(&allow, "%s%s", allow.len ? ", " : "", r->method == HTTP_M_POST ? "POST" : "GET");
+            buf_printf(&allow, "%s%s", allow.len ? ", " : "", r->method == HTTP_M_POST ? "POST" : "GET, HEAD");
     }
     if (found != NULL) {
         admin_reply_t reply = {200, "application/json", BUF_INIT};
         found->fn(found->arg, h, &reply);
-        respond(c, reply.status, reply.type, reply.body.data ? reply.body.data : "",
-                reply.body.len);
+        respond(c, reply.status, reply.type, buf_cstr(&reply.body), reply.body.len, "");
         buf_free(&reply.body);
     } else if (allow.len > 0) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "use %s", allow.data);
-        respond_json(c, 405, msg);
+        char msg[128], hdr[128];
+        snprintf(msg, sizeof msg, "use %s", buf_cstr(&allow));
+        snprintf(hdr, sizeof hdr, "Allow: %s\r\n", buf_cstr(&allow));
+        respond_json(c, 405, msg, hdr);
     } else {
-        respond_json(c, 404, "no such admin route");
+        respond_json(c, 404, "no such admin route", "");
     }
     buf_free(&allow);
 }
@@ -174,7 +176,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     }
     if (http_parser_feed(c->parser, b->base, (size_t)nread) < 0) {
         const http_error_t *e = http_parser_error(c->parser);
-        respond_json(c, e->status ? e->status : 400, e->message);
+        respond_json(c, e->status ? e->status : 400, e->message, "");
         return;
     }
     if (http_parser_ended(c->parser))

@@ -416,9 +416,14 @@ void config_free(config_t *c)
 void config_usage(FILE *out)
 {
     fprintf(out, "usage: errord --upstream http://HOST[:PORT] [options]\n"
+                 "       errord check POLICY                  load, validate and test a policy\n"
+                 "       errord test POLICY [CASES.json]      run its tests and extra cases\n"
+                 "       errord replay POLICY LOG.jsonl [--against OLD_POLICY]\n"
+                 "                                            what it decides for recorded traffic\n"
                  "       errord --version | --help\n\n"
                  "errord is an HTTP/1.1 sidecar proxy: it forwards each request to the upstream\n"
-                 "and streams the response back, logging one JSON record per request.\n\n"
+                 "and streams the response back, and a Lua policy decides what happens to each\n"
+                 "error response (pass, retry, respond, log, alert).\n\n"
                  "options (each also read from the environment variable shown; flags win):\n");
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const option_t *o = &OPTIONS[i];
@@ -432,6 +437,7 @@ void config_usage(FILE *out)
     }
     fprintf(out, "\nDurations: 500ms, 10s, 2m, 1h (a bare number is milliseconds).\n"
                  "Sizes: 512, 8KiB, 1MiB, 1GiB.\n"
-                 "Signals: SIGTERM or SIGINT drains in-flight requests and exits 0.\n"
-                 "Exit status: 0 ok, 1 runtime failure, 2 bad command line.\n");
+                 "Signals: SIGHUP reloads the policy (so does POST /reload on the admin port);\n"
+                 "SIGTERM or SIGINT drains in-flight requests and exits 0.\n"
+                 "Exit status: 0 ok, 1 runtime failure, 2 bad command line or invalid policy.\n");
 }

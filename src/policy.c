@@ -33,6 +33,7 @@ struct policy_s {
     char sha256[65];
     int64_t loaded_at_ms;
     policy_report_t *report; /* while loading */
+    int anchor; /* ... where keys are looked for from (source_line) */
     sandbox_t *sandbox;
     lua_api_ctx_t ctx;
     policy_settings_t settings;
@@ -141,12 +142,22 @@ static int assigns(const char *s, size_t i, size_t n)
     return i < n && s[i] == '=' && (i + 1 == n || s[i + 1] != '=');
 }
 
-/* Whether the source names `key` as a table key at s[i]: `key =`,
- * `["key"] =`, `['key'] =`, or `[key] =` (a number). */
-static int key_at(const char *s, size_t i, size_t n, const char *key, size_t klen)
+/* Whether the word before s[i] is `local` (a variable, not a key). */
+static int after_local(const char *s, size_t i)
 {
+    while (i > 0 && (s[i - 1] == ' ' || s[i - 1] == '\t'))
+        i--;
+    return i >= 5 && memcmp(s + i - 5, "local", 5) == 0 && (i == 5 || !ident_char(s[i - 6]));
+}
+
+/* Whether the source names `key` as a table key at s[i]: `key =`,
+ * `t.key =`, `["key"] =`, `['key'] =`, or `[key] =` (a number). Returns
+ * the index past the '=', or 0. */
+static size_t key_at(const char *s, size_t i, size_t n, const char *key, size_t klen)
+{
+    size_t j;
     if (s[i] == '[') {
-        size_t j = skip_blanks(s, i + 1, n);
+        j = skip_blanks(s, i + 1, n);
         char q = j < n && (s[j] == '"' || s[j] == '\'') ? s[j] : 0;
         j += q != 0;
         if (j + klen > n || memcmp(s + j, key, klen) != 0)
@@ -155,18 +166,39 @@ static int key_at(const char *s, size_t i, size_t n, const char *key, size_t kle
         if (q != 0 && (j >= n || s[j++] != q))
             return 0;
         j = skip_blanks(s, j, n);
-        return j < n && s[j] == ']' && assigns(s, j + 1, n);
+        if (j >= n || s[j] != ']')
+            return 0;
+        j++;
+    } else {
+        if (i + klen > n || memcmp(s + i, key, klen) != 0 || (i > 0 && ident_char(s[i - 1])) ||
+            (i + klen < n && ident_char(s[i + klen])) || after_local(s, i))
+            return 0;
+        j = i + klen;
     }
-    return i + klen <= n && memcmp(s + i, key, klen) == 0 && (i == 0 || !ident_char(s[i - 1])) &&
-           (i == 0 || s[i - 1] != '.') && (i + klen == n || !ident_char(s[i + klen])) &&
-           assigns(s, i + klen, n);
+    if (!assigns(s, j, n))
+        return 0;
+    return skip_blanks(s, j, n) + 1;
 }
 
-/* The line where the source names `key` as a table key for the nth time
- * (from 1), or with `quoted` where the string "key" appears; 0 when it does
- * not. Lua keeps no positions for table keys, so this reads the source,
- * skipping comments. */
-static int source_line(const policy_t *p, const char *key, int nth, int quoted)
+/* Whether a test named `name` starts at s[i]: `name = "<name>"` (or with
+ * single quotes). */
+static int test_name_at(const char *s, size_t i, size_t n, const char *name, size_t len)
+{
+    size_t j = key_at(s, i, n, "name", 4);
+    if (j == 0)
+        return 0;
+    j = skip_blanks(s, j, n);
+    if (j >= n || (s[j] != '"' && s[j] != '\''))
+        return 0;
+    char q = s[j++];
+    return j + len < n && memcmp(s + j, name, len) == 0 && s[j + len] == q;
+}
+
+/* The line, at or after p->anchor, where the source names `key` as a table
+ * key for the nth time (from 1), or with `test` where the nth test named
+ * `key` is; 0 when it does not. Lua keeps no positions for table keys, so
+ * this reads the source, skipping comments. */
+static int source_line(const policy_t *p, const char *key, int nth, int test)
 {
     const char *s = p->src;
     size_t n = p->src_len, klen = strlen(key);
@@ -182,14 +214,24 @@ static int source_line(const policy_t *p, const char *key, int nth, int quoted)
                 line += s[i] == '\n';
                 i++;
             }
-        } else if (quoted ? (s[i] == '"' && i + klen + 1 < n && s[i + klen + 1] == '"' &&
-                             memcmp(s + i + 1, key, klen) == 0)
-                          : key_at(s, i, n, key, klen)) {
+        } else if (line >= p->anchor &&
+                   (test ? test_name_at(s, i, n, key, klen) : key_at(s, i, n, key, klen) > 0)) {
             if (--nth <= 0)
                 return line;
         }
     }
     return 0;
+}
+
+/* Looks for keys from where the source names `key` (at or after the
+ * current anchor) on; returns the anchor it replaces. */
+static int anchor_at(policy_t *p, const char *key)
+{
+    int was = p->anchor;
+    int line = source_line(p, key, 1, 0);
+    if (line > 0)
+        p->anchor = line;
+    return was;
 }
 
 static void problem(policy_t *p, int line, int warning, const char *fmt, ...)
@@ -388,6 +430,7 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
         lua_settop(L, t - 1);
         return;
     }
+    anchor_at(p, "settings"); /* its keys are looked for from there on */
     check_known(p, L, t, "settings", known, 1);
     v = s->attempts;
     setting_int(p, L, t, "settings", "attempts", 1, 10, &v);
@@ -414,8 +457,11 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
     v = (int64_t)s->repeat_ms;
     setting_int(p, L, t, "settings", "repeat_ms", 100, 86400000, &v);
     s->repeat_ms = (uint64_t)v;
-    if (rawfield(L, t, "alerts") != LUA_TNIL)
+    if (rawfield(L, t, "alerts") != LUA_TNIL) {
+        int was = anchor_at(p, "alerts");
         read_sinks(p, L, lua_gettop(L));
+        p->anchor = was;
+    }
     lua_settop(L, t);
 
     int bt = rawfield(L, t, "budget");
@@ -424,7 +470,9 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
         s->budget_on = 0;
     } else if (bt == LUA_TTABLE) {
         int b = lua_gettop(L);
+        int was = anchor_at(p, "budget");
         check_known(p, L, b, "settings.budget", known_budget, 1);
+        p->anchor = was;
         rawfield(L, b, "ratio");
         rawfield(L, b, "min_per_s");
         if ((!lua_isnil(L, -2) && (!lua_isnumber(L, -2) || lua_tonumber(L, -2) < 0 ||
@@ -451,6 +499,7 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
             problem(p, source_line(p, "backoff", 1, 0), 0,
                     "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
         } else {
+            int was = anchor_at(p, "backoff");
             check_known(p, L, b, "settings.backoff", known_backoff, 1);
             setting_int(p, L, b, "settings.backoff", "base_ms", 0, 3600000, &base);
             setting_int(p, L, b, "settings.backoff", "max_ms", 0, 3600000, &max);
@@ -461,6 +510,7 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
                 s->backoff_base_ms = (uint64_t)base;
                 s->backoff_max_ms = (uint64_t)max;
             }
+            p->anchor = was;
         }
     }
     lua_settop(L, t);
@@ -472,6 +522,7 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
         if (!lua_istable(L, l)) {
             problem(p, source_line(p, "limits", 1, 0), 0, "settings.limits must be a table");
         } else {
+            int was = anchor_at(p, "limits");
             check_known(p, L, l, "settings.limits", known_limits, 1);
             setting_int(p, L, l, "settings.limits", "instructions", 10000, 1000000000, &ins);
             setting_int(p, L, l, "settings.limits", "time_ms", 1, 10000, &ms);
@@ -482,8 +533,10 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
             if (sandbox_memory(p->sandbox) > s->memory_limit)
                 problem(p, source_line(p, "memory_mb", 1, 0), 0,
                         "the policy already uses more than settings.limits.memory_mb");
+            p->anchor = was;
         }
     }
+    p->anchor = 0;
     lua_settop(L, t - 1);
 }
 
@@ -1192,7 +1245,18 @@ static int run_list(policy_t *p, lua_State *L, int tests, int line_of,
         int line = 0;
         if (rawfield(L, t, "name") == LUA_TSTRING) {
             snprintf(name, sizeof name, "%s", lua_tostring(L, -1));
-            line = line_of ? source_line(p, name, 1, 1) : 0;
+            int nth = 1; /* tests may share a name: which one this is */
+            for (lua_Integer j = 1; line_of && j < i; j++) {
+                lua_rawgeti(L, tests, j);
+                nth += lua_istable(L, -1) && rawfield(L, -1, "name") == LUA_TSTRING &&
+                       strcmp(lua_tostring(L, -1), name) == 0;
+                lua_settop(L, t + 1);
+            }
+            if (line_of) {
+                p->anchor = source_line(p, "tests", 1, 0);
+                line = source_line(p, name, nth, 1);
+                p->anchor = 0;
+            }
         } else {
             snprintf(name, sizeof name, "tests[%lld]", (long long)i);
         }
