@@ -645,6 +645,15 @@ static void on_up_ready(upconn_t *u, int status)
 static int txn_forward_last(txn_t *t);
 static void on_client_timeout(uv_timer_t *timer);
 
+/* Starts the client's timer `ms` from now by the clock, not from the loop's
+ * cached time, which lags by however long this iteration has run so far:
+ * a retry delay or a cooldown must not end early. */
+static void client_timer_from_now(client_t *c, uint64_t ms)
+{
+    uv_update_time(c->io.timer.loop);
+    uv_timer_start(&c->io.timer, on_client_timeout, ms, 0);
+}
+
 /* A cooldown runs: hold the attempt until it ends, or, when the request's
  * deadline comes first, answer now: with an earlier attempt's real response,
  * else 429 and Retry-After, which an HTTP client already knows to honour.
@@ -673,7 +682,7 @@ static int txn_hold(txn_t *t)
     if (t->hold_t0 == 0)
         t->hold_t0 = clock_now_ns();
     c->timer_mode = CT_HOLD;
-    uv_timer_start(&c->io.timer, on_client_timeout, until - now, 0);
+    client_timer_from_now(c, until - now);
     return 1;
 }
 
@@ -686,8 +695,7 @@ static void txn_arm_deadline(txn_t *t)
         return;
     uint64_t now = clock_now_ns();
     c->timer_mode = CT_DEADLINE;
-    uv_timer_start(&c->io.timer, on_client_timeout,
-                   t->deadline_ns > now ? (t->deadline_ns - now + 999999) / 1000000 : 0, 0);
+    client_timer_from_now(c, t->deadline_ns > now ? (t->deadline_ns - now + 999999) / 1000000 : 0);
 }
 
 /* The deadline passed with no answer sent: the attempt in flight is
@@ -895,7 +903,7 @@ static void txn_schedule_retry(txn_t *t, attempt_t *a, const verdict_t *v, uint6
     if (v->cooldown)
         budget_cooldown(clock_now_ms() + delay_ms); /* everyone waits as long */
     t->client->timer_mode = CT_RETRY;
-    uv_timer_start(&t->client->io.timer, on_client_timeout, delay_ms, 0);
+    client_timer_from_now(t->client, delay_ms);
 }
 
 /* Makes the retry a verdict asks for, unless errord refuses it (then the
