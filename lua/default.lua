@@ -43,6 +43,9 @@ local function may_retry(req)
   local retried = errord.count("retries " .. route, 10, 0)
   -- this response is itself a failed retry when it answers attempt 2 or later
   local failed = errord.count("failed retries " .. route, 10, req.attempt > 1 and 1 or 0)
+  if req.attempt >= p.settings.attempts then
+    return false -- errord would refuse it: not a retry made, so not counted
+  end
   if failed > 5 and failed > 0.8 * retried then
     return false
   end
@@ -145,6 +148,8 @@ p.tests = {
     req = { method = "GET", path = "/v1/items" },
     counts = { ["retries GET /v1/items"] = 3, ["failed retries GET /v1/items"] = 3 },
     res = { status = 504 }, expect = { verdict = "retry" } },
+  { name = "the last attempt is passed on, not retried",
+    attempt = 3, res = { status = 500 }, expect = { verdict = "pass" } },
   { name = "502 past 10 a minute alerts",
     counts = { upstream_502 = 10 },
     res = { status = 502 }, expect = { verdict = "retry", alert = "UpstreamDown" } },

@@ -904,7 +904,34 @@ def test_without_policy_flag_the_default_policy_runs(upstream, errord):
     assert r.status == 500
     assert len(up.requests) == 3  # lua/default.lua: 500 is retried, 3 attempts
     rec = access_for(e, "/x")
-    assert ledger(rec)[-1] == (500, "retry", "server_error", "attempts", None)
+    # the last attempt's answer is passed on: no retry asked for, none refused
+    assert ledger(rec) == [(500, "retry", "server_error", None, None),
+                           (500, "retry", "server_error", None, None),
+                           (500, "pass", None, None, None)]
+    c.close()
+
+
+def test_the_default_policy_stops_retrying_an_endpoint_that_always_fails(upstream, errord):
+    """Retries are for blips: once more than 5 retries of an endpoint, and
+    over 80% of them, failed in 10 s, its failures are passed on at once
+    instead of each one costing three upstream requests and their backoff."""
+    up = upstream(lambda req: response(500, b'{"message":"Something is broken"}'))
+    e = errord(up.url, "--policy", DEFAULT_POLICY)
+    c = Client(e.port)
+    attempts = []
+    for i in range(10):
+        before = len(up.requests)
+        assert c.get("/v1/down?i=%d" % i).status == 500
+        attempts.append(len(up.requests) - before)
+    c.close()
+    assert attempts[0] == 3, attempts
+    assert attempts[-5:] == [1] * 5, attempts
+    assert sum(attempts) <= 3 * 3 + 7, attempts
+    # another endpoint is still retried
+    c = Client(e.port)
+    before = len(up.requests)
+    assert c.get("/v1/other").status == 500
+    assert len(up.requests) - before == 3
     c.close()
 
 
@@ -1050,9 +1077,10 @@ def test_default_request_limit_403_passes_after_three_attempts(api):
     assert r.json() == {"message": "Request limit exceeded"}
     assert targets(relay, path) == [path] * 3
     rec = access_for(e, path)
+    # the third answer is passed on: the policy asks for no retry errord would refuse
     assert ledger(rec) == [(403, "retry", "request_limit", None, None)] * 2 + \
-        [(403, "retry", "request_limit", "attempts", None)]
-    assert [x["refused"] for x in refusals(e, rec["request_id"])] == ["attempts"]
+        [(403, "pass", None, None, None)]
+    assert refusals(e, rec["request_id"]) == []
     assert e.all(type="alert") == []
     c.close()
 
@@ -1084,7 +1112,7 @@ def test_default_500_and_504_are_retried(api, code):
     assert targets(relay, path) == [path] * 3
     rec = access_for(e, path)
     assert ledger(rec) == [(code, "retry", "server_error", None, None)] * 2 + \
-        [(code, "retry", "server_error", "attempts", None)]
+        [(code, "pass", None, None, None)]
     c.close()
 
 
