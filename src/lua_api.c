@@ -24,9 +24,8 @@ static const char VERDICT_MT = 0, REQ_MT = 0, RES_MT = 0, TEST_COUNTS = 0;
 /* The longest delay retry{} and errord.cooldown() accept: an hour. */
 #define MAX_AFTER_MS 3600000
 
-/* Header values a policy (and so its logs and alerts) never gets to see. */
-static const char *const SECRET_HEADERS[] = {"authorization", "proxy-authorization", "cookie",
-                                             "set-cookie", "x-api-key", NULL};
+static const char *push_redacted(lua_State *L, const lua_api_ctx_t *c, const char *s, size_t n,
+                                 int json);
 
 static lua_api_ctx_t *ctx_of(lua_State *L)
 {
@@ -418,7 +417,9 @@ static int l_retry(lua_State *L)
         if (lua_type(L, 3) != LUA_TSTRING)
             luaL_error(L, "retry{}: reason must be a string");
         const char *r = lua_tolstring(L, 3, &n);
-        copy_reason(r, n, v->reason);
+        r = push_redacted(L, ctx_of(L), r, n, 0); /* reasons are logged too */
+        copy_reason(r, lua_rawlen(L, -1), v->reason);
+        lua_pop(L, 1);
     }
     v->unsafe = lua_toboolean(L, 4);
     v->cooldown = lua_toboolean(L, 5);
@@ -576,6 +577,51 @@ static void add_call_fields(log_record_t *r, const policy_input_t *in)
     log_int(r, "attempt", in->attempt);
 }
 
+typedef struct {
+    lua_State *L;
+    int json;
+} redact_t;
+
+/* Replaces the secret `v` (n bytes of a header value) with "[redacted]" in
+ * the string at the top of the stack; in JSON text as JSON writes it (of
+ * the bytes a header value may hold, '"', '\\' and HTAB are escaped). */
+static void redact_one(void *arg, const char *v, size_t n)
+{
+    redact_t *r = arg;
+    lua_State *L = r->L;
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < n; i++) {
+        if (r->json && (v[i] == '"' || v[i] == '\\'))
+            luaL_addchar(&b, '\\');
+        if (r->json && v[i] == '\t')
+            luaL_addstring(&b, "\\t");
+        else
+            luaL_addchar(&b, v[i]);
+    }
+    luaL_pushresult(&b);
+    const char *text = lua_tostring(L, -2), *pat = lua_tostring(L, -1);
+    if (strstr(text, pat) != NULL) {
+        luaL_gsub(L, text, pat, "[redacted]");
+        lua_replace(L, -3);
+    }
+    lua_pop(L, 1);
+}
+
+/* Pushes `s` with the secrets of the call in progress (SPEC §6) replaced
+ * by "[redacted]": a policy that logs or alerts with them leaks nothing.
+ * With `json`, `s` is JSON text. Returns the pushed string. */
+static const char *push_redacted(lua_State *L, const lua_api_ctx_t *c, const char *s, size_t n,
+                                 int json)
+{
+    lua_pushlstring(L, s, n);
+    if (c->in != NULL) {
+        redact_t r = {L, json};
+        policy_each_secret(c->settings, c->in, redact_one, &r);
+    }
+    return lua_tostring(L, -1);
+}
+
 static int reserved_log_key(const char *k)
 {
     static const char *const keys[] = {"time", "level", "type", "request_id", "status",
@@ -605,6 +651,10 @@ static int l_log(lua_State *L)
         if (lua_type(L, -2) == LUA_TSTRING && !reserved_log_key(lua_tostring(L, -2)) &&
             strcmp(lua_tostring(L, -2), "level") != 0) {
             push_json_text(L, -1);
+            size_t n;
+            const char *json = lua_tolstring(L, -1, &n);
+            push_redacted(L, c, json, n, 1);
+            lua_remove(L, -2);
             lua_pushvalue(L, -3);
             lua_insert(L, -2);
             lua_rawset(L, fields);
@@ -678,6 +728,12 @@ static int l_alert(lua_State *L)
         buf_puts(&c->test_alerts, "\n");
         return 0;
     }
+    /* Secrets out: the redacted strings stay on the stack until the end. */
+    luaL_checkstack(L, 2 + 2 * MAX_LABELS, "alert{}");
+    severity = push_redacted(L, c, severity, strlen(severity), 0);
+    summary = push_redacted(L, c, summary, strlen(summary), 0);
+    for (size_t i = 0; i < n_labels; i++)
+        labels[i].value = push_redacted(L, c, labels[i].value, strlen(labels[i].value), 0);
     alert_event_t ev = {name, severity, summary, labels, n_labels};
     int64_t count = alert_fire(&ev, clock_wall_ms());
     log_record_t *r = log_begin(LOG_WARN, NULL);
@@ -721,8 +777,11 @@ static int l_print(lua_State *L)
         c->test_logs++;
         return 0;
     }
+    size_t len;
+    const char *text = lua_tolstring(L, -1, &len);
+    text = push_redacted(L, c, text, len, 0);
     log_record_t *r = log_begin(LOG_INFO, "policy print");
-    log_str(r, "text", lua_tostring(L, -1));
+    log_str(r, "text", text);
     add_call_fields(r, c->in);
     log_end(r);
     return 0;
@@ -754,16 +813,8 @@ static const policy_input_t *view_input(lua_State *L, const char *what)
     return v->in;
 }
 
-static int is_secret(const char *name, size_t n)
-{
-    for (const char *const *s = SECRET_HEADERS; *s != NULL; s++)
-        if (strlen(*s) == n && strncasecmp(name, *s, n) == 0)
-            return 1;
-    return 0;
-}
-
-/* headers: lower-case names; repeated fields joined with ", "; secrets
- * replaced by "[redacted]". */
+/* headers: lower-case names; repeated fields joined with ", ". Secret
+ * headers too, as sent: what the policy writes out is redacted instead. */
 static void push_headers(lua_State *L, const http_head_t *h)
 {
     lua_createtable(L, 0, (int)h->n_headers);
@@ -774,10 +825,7 @@ static void push_headers(lua_State *L, const http_head_t *h)
         for (size_t k = 0; k < n; k++)
             name[k] = (char)tolower((unsigned char)f->name[k]);
         lua_pushlstring(L, name, n);
-        if (is_secret(name, n))
-            lua_pushliteral(L, "[redacted]");
-        else
-            lua_pushlstring(L, f->value, f->value_len);
+        lua_pushlstring(L, f->value, f->value_len);
         lua_pushvalue(L, -2);
         lua_rawget(L, -4);
         if (!lua_isnil(L, -1)) {

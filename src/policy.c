@@ -15,11 +15,13 @@
 
 #include <lauxlib.h>
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 
 #define MAX_POLICY_BYTES (4 * 1024 * 1024)
@@ -406,13 +408,46 @@ static void read_sinks(policy_t *p, lua_State *L, int t)
     }
 }
 
+/* settings.secret_headers: a list of header names whose values are never
+ * written out, besides the usual ones. */
+static void read_secret_headers(policy_t *p, lua_State *L, int t)
+{
+    int line = source_line(p, "secret_headers", 1, 0);
+    size_t n = lua_istable(L, t) ? (size_t)lua_rawlen(L, t) : 0;
+    if (!lua_istable(L, t) || n > 64) {
+        problem(p, line, 0, "settings.secret_headers must be a list of at most 64 header names");
+        return;
+    }
+    policy_settings_t *s = &p->settings;
+    s->secret_headers = calloc(n + 1, sizeof *s->secret_headers);
+    if (s->secret_headers == NULL)
+        luaL_error(L, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, t, (lua_Integer)i + 1);
+        size_t len = 0;
+        const char *name = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        int ok = name != NULL && len > 0 && len < 128;
+        for (size_t j = 0; ok && j < len; j++)
+            ok = name[j] > 0x20 && name[j] < 0x7f && name[j] != ':';
+        lua_pop(L, 1);
+        if (!ok) {
+            problem(p, line, 0, "settings.secret_headers[%zu] must be a header name", i + 1);
+            continue;
+        }
+        char *copy = copy_string(L, name);
+        for (char *c = copy; *c; c++)
+            *c = (char)tolower((unsigned char)*c);
+        s->secret_headers[s->n_secret_headers++] = copy;
+    }
+}
+
 static void read_settings(policy_t *p, lua_State *L, int policy)
 {
     static const char *const known[] = {"attempts",       "backoff",           "body_limit",
                                         "replay_limit",   "limits",            "deadline_ms",
                                         "try_timeout_ms", "retry_after_max_ms", "budget",
                                         "alerts",         "resolve_after_ms",  "repeat_ms",
-                                        NULL};
+                                        "secret_headers", NULL};
     static const char *const known_backoff[] = {"base_ms", "max_ms", NULL};
     static const char *const known_budget[] = {"ratio", "min_per_s", NULL};
     static const char *const known_limits[] = {"instructions", "time_ms", "memory_mb", NULL};
@@ -462,6 +497,10 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
         read_sinks(p, L, lua_gettop(L));
         p->anchor = was;
     }
+    lua_settop(L, t);
+
+    if (rawfield(L, t, "secret_headers") != LUA_TNIL)
+        read_secret_headers(p, L, lua_gettop(L));
     lua_settop(L, t);
 
     int bt = rawfield(L, t, "budget");
@@ -800,16 +839,18 @@ const char *policy_path(const policy_t *p)
     return p->path;
 }
 
-int policy_header_secret(const policy_t *p, const char *name, size_t n)
+int policy_header_secret(const policy_settings_t *s, const char *name, size_t n)
 {
     static const struct {
         const char *name;
         size_t len;
     } secret[] = {{"authorization", 13}, {"proxy-authorization", 19}, {"cookie", 6},
                   {"set-cookie", 10},    {"x-api-key", 9}};
-    (void)p;
     for (size_t i = 0; i < sizeof secret / sizeof *secret; i++)
-        if (n == secret[i].len && memcmp(name, secret[i].name, n) == 0)
+        if (n == secret[i].len && strncasecmp(name, secret[i].name, n) == 0)
+            return 1;
+    for (size_t i = 0; s != NULL && i < s->n_secret_headers; i++)
+        if (strlen(s->secret_headers[i]) == n && strncasecmp(name, s->secret_headers[i], n) == 0)
             return 1;
     return 0;
 }
@@ -904,6 +945,47 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
     return st;
 }
 
+/* Replaces `secret` (n bytes) with "[redacted]" in `text`. */
+static void scrub_one(buf_t *text, const char *secret, size_t n)
+{
+    buf_t out = BUF_INIT;
+    size_t i = 0;
+    const char *hit;
+    while (text->len - i >= n && (hit = memmem(text->data + i, text->len - i, secret, n)) != NULL) {
+        buf_append(&out, text->data + i, (size_t)(hit - (text->data + i)));
+        buf_lit(&out, "[redacted]");
+        i = (size_t)(hit - text->data) + n;
+    }
+    if (out.len == 0 && i == 0)
+        return;
+    buf_append(&out, text->data + i, text->len - i);
+    buf_free(text);
+    *text = out;
+}
+
+void policy_each_secret(const policy_settings_t *s, const policy_input_t *in,
+                        void (*fn)(void *arg, const char *v, size_t n), void *arg)
+{
+    const http_head_t *heads[2] = {in->req, in->res};
+    for (int h = 0; h < 2; h++) {
+        for (size_t i = 0; heads[h] != NULL && i < heads[h]->n_headers; i++) {
+            const http_header_t *f = &heads[h]->headers[i];
+            if (!policy_header_secret(s, f->name, f->name_len) || f->value_len < SECRET_MIN)
+                continue;
+            fn(arg, f->value, f->value_len);
+            const char *sp = memchr(f->value, ' ', f->value_len);
+            size_t rest = sp != NULL ? f->value_len - (size_t)(sp + 1 - f->value) : 0;
+            if (rest >= SECRET_MIN)
+                fn(arg, sp + 1, rest);
+        }
+    }
+}
+
+static void scrub_cb(void *arg, const char *v, size_t n)
+{
+    scrub_one(arg, v, n);
+}
+
 void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
 {
     int ref = in->res != NULL ? p->handler[in->res->status] : p->error_ref;
@@ -928,10 +1010,16 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
     else
         log_str(r, "error_kind", in->err_kind);
     log_str(r, "kind", out->failure);
-    log_str(r, "error", msg);
+    buf_t error = BUF_INIT;
+    buf_puts(&error, msg);
+    /* a handler may raise with a secret in its message */
+    policy_each_secret(&p->settings, in, scrub_cb, &error);
+    policy_each_secret(&p->settings, in, scrub_cb, &trace);
+    log_strn(r, "error", buf_cstr(&error), error.len);
     if (trace.len > 0)
         log_strn(r, "traceback", trace.data, trace.len);
     log_end(r);
+    buf_free(&error);
     buf_free(&trace);
 }
 
@@ -1401,6 +1489,9 @@ void policy_release(policy_t *p)
         free(p->settings.sinks[i].routing_key);
     }
     free(p->settings.sinks);
+    for (size_t i = 0; i < p->settings.n_secret_headers; i++)
+        free(p->settings.secret_headers[i]);
+    free(p->settings.secret_headers);
     sandbox_free(p->sandbox);
     buf_free(&p->ctx.test_alerts);
     free(p->path);

@@ -50,6 +50,8 @@ typedef struct {
     size_t n_sinks;
     uint64_t resolve_after_ms; /* an alert quiet this long is resolved */
     uint64_t repeat_ms;        /* firing alerts are sent to Alertmanager again this often */
+    char **secret_headers;     /* settings.secret_headers: more names (lower case) */
+    size_t n_secret_headers;
     uint64_t handler_instructions; /* per handler call */
     uint64_t handler_time_ms;      /* per handler call */
     size_t memory_limit;           /* the Lua state's memory, bytes */
@@ -172,9 +174,22 @@ void policy_release(policy_t *p);
 const policy_settings_t *policy_settings(const policy_t *p);
 const char *policy_path(const policy_t *p);
 
-/* Whether the header `name` (`n` bytes, lower case) holds a secret whose
- * value errord never writes out (SPEC §6). `p` may be NULL. */
-int policy_header_secret(const policy_t *p, const char *name, size_t n);
+/* Whether the header `name` (`n` bytes, any case) holds a secret whose
+ * value errord never writes out (SPEC §6): Authorization,
+ * Proxy-Authorization, Cookie, Set-Cookie, X-Api-Key, and the names of
+ * settings.secret_headers (`s` may be NULL). */
+int policy_header_secret(const policy_settings_t *s, const char *name, size_t n);
+
+/* Secrets shorter than this are not looked for in text: they would match
+ * ordinary words. */
+#define SECRET_MIN 4
+
+/* Calls `fn` with each secret the call `in` carries: the value of each of
+ * its secret headers (request and response) and, for a "Scheme
+ * credentials" value, the credentials alone; what errord takes out of
+ * anything a policy writes. */
+void policy_each_secret(const policy_settings_t *s, const policy_input_t *in,
+                        void (*fn)(void *arg, const char *v, size_t n), void *arg);
 
 /* The SHA-256 of the policy's source, 64 hex digits. */
 const char *policy_sha256(const policy_t *p);

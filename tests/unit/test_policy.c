@@ -331,10 +331,11 @@ TEST(policy_req_view)
     ASSERT_FAILURE(v, "(none)", lg);
     ASSERT_EQ(v.kind, VERDICT_RESPOND);
     const char *body = fx_body(&v);
-    ASSERT_NOT_CONTAINS(body, "sekret-token");
-    ASSERT_NOT_CONTAINS(body, "cookie-value");
-    ASSERT_NOT_CONTAINS(body, "key-12345");
-    ASSERT_NOT_CONTAINS(body, "cHJveHk=");
+    /* secret headers as sent: only what errord writes out is redacted */
+    ASSERT_CONTAINS(body, "\"authorization\":\"Bearer sekret-token\"");
+    ASSERT_CONTAINS(body, "\"cookie\":\"sid=cookie-value\"");
+    ASSERT_CONTAINS(body, "\"x-api-key\":\"key-12345\"");
+    ASSERT_CONTAINS(body, "\"proxy-authorization\":\"Basic cHJveHk=\"");
     cJSON *j = body_json(&v);
     ASSERT(j != NULL);
     ASSERT_STR(jstr(j, "method"), "PUT");
@@ -349,16 +350,52 @@ TEST(policy_req_view)
     ASSERT_STR(jstr(h, "host"), "api.example");
     ASSERT_STR(jstr(h, "accept"), "text/plain, application/json"); /* both lines, in order */
     ASSERT_STR(jstr(h, "x-trace"), "one");
-    ASSERT_STR(jstr(h, "authorization"), "[redacted]");
-    ASSERT_STR(jstr(h, "cookie"), "[redacted]");
-    ASSERT_STR(jstr(h, "x-api-key"), "[redacted]");
-    ASSERT_STR(jstr(h, "proxy-authorization"), "[redacted]");
+    ASSERT_STR(jstr(h, "authorization"), "Bearer sekret-token");
+    ASSERT_STR(jstr(h, "cookie"), "sid=cookie-value");
+    ASSERT_STR(jstr(h, "x-api-key"), "key-12345");
+    ASSERT_STR(jstr(h, "proxy-authorization"), "Basic cHJveHk=");
     ASSERT(cJSON_GetObjectItemCaseSensitive(h, "Accept") == NULL); /* lower-case names only */
     ASSERT(cJSON_GetObjectItemCaseSensitive(h, "X-Trace") == NULL);
     cJSON_Delete(j);
     verdict_reset(&v);
     buf_free(&lg);
     policy_release(p);
+}
+
+/* A policy reads secret headers as sent; what it writes out of them (log
+ * fields, a retry reason) carries "[redacted]" instead, whole values and
+ * the credentials of "Scheme credentials" alike. */
+TEST(policy_output_redacts_secret_values)
+{
+    policy_t *p = fx_load(
+        "return { [403] = function(req, res)\n"
+        "  local key, auth = req.headers['x-api-key'], req.headers.authorization\n"
+        "  log { key = key, token = auth:sub(8), note = 'key ' .. key .. ' used' }\n"
+        "  return retry { reason = key }\n"
+        "end }\n");
+    ASSERT_LOADED(p);
+    fx_call_t c;
+    ASSERT_EQ(fx_call(&c,
+                      "GET / HTTP/1.1\r\nHost: a\r\nX-Api-Key: key-12345\r\n"
+                      "Authorization: Bearer sekret-token\r\n\r\n",
+                      "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", ""),
+              0);
+    verdict_t v = VERDICT_INIT;
+    buf_t lg = BUF_INIT;
+    fx_decide(p, &c, &v, &lg);
+    fx_call_free(&c);
+    ASSERT_FAILURE(v, "(none)", lg);
+    ASSERT_EQ(v.kind, VERDICT_RETRY);
+    ASSERT_STR(v.reason, "_redacted_");
+    ASSERT(lg.data != NULL);
+    ASSERT_NOT_CONTAINS(lg.data, "key-12345");
+    ASSERT_NOT_CONTAINS(lg.data, "sekret-token");
+    ASSERT_CONTAINS(lg.data, "\"key\":\"[redacted]\"");
+    ASSERT_CONTAINS(lg.data, "\"token\":\"[redacted]\"");
+    ASSERT_CONTAINS(lg.data, "\"note\":\"key [redacted] used\"");
+    policy_release(p);
+    verdict_reset(&v);
+    buf_free(&lg);
 }
 
 TEST(policy_res_view)
@@ -394,7 +431,7 @@ TEST(policy_res_view)
     fx_decide(p, &c, &v, &lg);
     fx_call_free(&c);
     ASSERT_FAILURE(v, "(none)", lg);
-    ASSERT_NOT_CONTAINS(fx_body(&v), "abc123");
+    ASSERT_CONTAINS(fx_body(&v), "\"set-cookie\":\"session=abc123\"");
     cJSON *j = body_json(&v);
     ASSERT(j != NULL);
     ASSERT_EQ(jnum(j, "status"), 403);
@@ -413,7 +450,7 @@ TEST(policy_res_view)
     const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "headers");
     ASSERT_STR(jstr(h, "content-type"), "application/json");
     ASSERT_STR(jstr(h, "x-ratelimit-remaining"), "0");
-    ASSERT_STR(jstr(h, "set-cookie"), "[redacted]");
+    ASSERT_STR(jstr(h, "set-cookie"), "session=abc123");
     ASSERT_STR(jstr(h, "vary"), "Accept, Origin");
     cJSON_Delete(j);
     verdict_reset(&v);
@@ -1863,7 +1900,7 @@ TEST(policy_tests_build_req_res_and_err)
         "local p = {}\n"
         "p[403] = function(req, res)\n"
         "  local ok = req.method == 'POST' and req.path == '/orders?x=1'\n"
-        "    and req.headers['x-api-key'] == '[redacted]' and req.headers.accept == 'a/b'\n"
+        "    and req.headers['x-api-key'] == 'secret' and req.headers.accept == 'a/b'\n"
         "    and req.attempt == 3 and res.retry_after_ms == 3000\n"
         "    and res.headers['retry-after'] == '3' and res.json.message == 'limit'\n"
         "  return retry { reason = ok and 'ok' or 'bad' }\n"

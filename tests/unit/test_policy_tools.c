@@ -218,4 +218,5 @@ TEST(policy_secret_headers)
     ASSERT(!policy_header_secret(NULL, "content-type", 12));
     ASSERT(!policy_header_secret(NULL, "x-api-keys", 10));
     ASSERT(!policy_header_secret(NULL, "cookie", 5));
+    ASSERT(policy_header_secret(NULL, "X-Api-Key", 9)); /* any case */
 }
