@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define ADMIN_TIMEOUT_MS 10000
 
@@ -28,6 +29,7 @@ struct admin_s {
     uv_tcp_t listener;
     route_t *routes;
     size_t n_routes;
+    const char *token; /* --admin-token, or NULL */
     http_limits_t limits;
     list_t conns;
     int closing;
@@ -102,10 +104,32 @@ static int path_is(const http_head_t *h, const char *path)
     return len == n && memcmp(h->target, path, n) == 0;
 }
 
+/* Whether the request carries the admin token (or none is required). The
+ * comparison takes the same time wherever the first difference is. */
+static int authorized(const admin_t *a, const http_head_t *h)
+{
+    if (a->token == NULL || path_is(h, "/healthz"))
+        return 1;
+    const http_header_t *f = http_head_find(h, "authorization");
+    if (f == NULL || f->value_len < 7 || strncasecmp(f->value, "bearer ", 7) != 0)
+        return 0;
+    const char *v = f->value + 7;
+    size_t n = f->value_len - 7, want = strlen(a->token);
+    unsigned diff = n != want;
+    for (size_t i = 0; i < want; i++)
+        diff |= (unsigned char)a->token[i] ^ (unsigned char)(i < n ? v[i] : 0);
+    return diff == 0;
+}
+
 static void route(conn_t *c)
 {
     admin_t *a = c->admin;
     const http_head_t *h = c->req;
+    if (!authorized(a, h)) {
+        respond_json(c, 401, "this admin route needs Authorization: Bearer <the admin token>",
+                     "WWW-Authenticate: Bearer realm=\"errord\"\r\n");
+        return;
+    }
     http_method_t m = h->method == HTTP_M_HEAD ? HTTP_M_GET : h->method;
     const route_t *found = NULL;
     buf_t allow = BUF_INIT;
@@ -248,6 +272,7 @@ admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, int *err)
         return NULL;
     }
     a->loop = loop;
+    a->token = cfg->admin_token;
     a->limits.max_line = 8192;
     a->limits.max_head = 65536;
     list_init(&a->conns);

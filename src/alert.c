@@ -4,6 +4,7 @@
 #include "buf.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -70,8 +71,16 @@ static void alert_free(alert_t *a)
     free(a);
 }
 
+static atomic_uint_fast64_t events;
+
+uint64_t alert_events(void)
+{
+    return atomic_load_explicit(&events, memory_order_relaxed);
+}
+
 int64_t alert_fire(const alert_event_t *ev, int64_t now_ms)
 {
+    atomic_fetch_add_explicit(&events, 1, memory_order_relaxed);
     buf_t key = BUF_INIT;
     buf_append(&key, ev->name, strlen(ev->name));
     for (size_t i = 0; i < ev->n_labels; i++) {

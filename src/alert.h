@@ -26,6 +26,9 @@ typedef struct {
  * Thread-safe. */
 int64_t alert_fire(const alert_event_t *ev, int64_t now_ms);
 
+/* How many times alert_fire() was called. Thread-safe. */
+uint64_t alert_events(void);
+
 /* How many distinct alerts are in the table. */
 size_t alert_count(void);
 

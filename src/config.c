@@ -33,6 +33,8 @@ static const option_t OPTIONS[] = {
         "the Lua policy (default: lua/default.lua of the install; off: none)"),
     OPT("admin", "ERRORD_ADMIN", OPT_STR, admin, "127.0.0.1:9901", "ADDR:PORT",
         "the admin port (/healthz, /alerts...); off: none"),
+    OPT("admin-token", "ERRORD_ADMIN_TOKEN", OPT_STR, admin_token, NULL, "TOKEN",
+        "require Authorization: Bearer TOKEN on the admin port (but /healthz); prefer the env"),
     OPT("watch", "ERRORD_WATCH", OPT_BOOL, watch, "0", NULL,
         "reload the policy when its file changes (SIGHUP and POST /reload always do)"),
     OPT("workers", "ERRORD_WORKERS", OPT_COUNT, workers, "1", "N",
@@ -316,6 +318,15 @@ static int check(config_t *c, char *err, size_t errlen)
         errf(err, errlen, "--admin %s: expected ADDR:PORT, such as 127.0.0.1:9901, or off",
              c->admin);
         return -1;
+    }
+    if (c->admin_token != NULL) {
+        int ok = c->admin_token[0] != '\0';
+        for (const char *t = c->admin_token; ok && *t; t++)
+            ok = *t > 0x20 && *t < 0x7f;
+        if (!ok) {
+            errf(err, errlen, "--admin-token: expected printable characters without spaces");
+            return -1;
+        }
     }
     if (c->upstream == NULL || c->upstream[0] == '\0') {
         errf(err, errlen, "--upstream is required (or ERRORD_UPSTREAM), e.g. "

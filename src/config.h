@@ -22,6 +22,7 @@ typedef struct {
     char *admin; /* ADDR:PORT or "off" */
     struct sockaddr_storage admin_addr;
     int admin_enabled;
+    char *admin_token; /* required on the admin port when set */
     int watch;
     int workers;
     log_level_t log_level;

@@ -16,6 +16,7 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "policy.h"
 #include "proxy.h"
 #include "sink.h"
@@ -543,6 +544,44 @@ static void route_policy(void *arg, const http_head_t *req, admin_reply_t *reply
                (unsigned long long)st->n_failed);
 }
 
+/* Ready for traffic: the policy is loaded and the listeners are up (both
+ * true once the admin port answers), and errord is not draining. */
+static int ready(void)
+{
+    return !control.draining;
+}
+
+static void route_readyz(void *arg, const http_head_t *req, admin_reply_t *reply)
+{
+    (void)arg;
+    (void)req;
+    if (ready()) {
+        buf_lit(&reply->body, "{\"status\":\"ready\"}\n");
+    } else {
+        reply->status = 503;
+        buf_lit(&reply->body, "{\"status\":\"draining\"}\n");
+    }
+}
+
+static void route_metrics(void *arg, const http_head_t *req, admin_reply_t *reply)
+{
+    (void)arg;
+    (void)req;
+    const reload_state_t *st = &control.reload;
+    metrics_control_t m = {
+        .version = ERRORD_VERSION,
+        .policy_path = control.policy != NULL ? control.policy_path : NULL,
+        .policy_sha256 = control.policy != NULL ? policy_sha256(control.policy) : NULL,
+        .policy_loaded_ms = control.policy != NULL ? policy_loaded_at(control.policy) : 0,
+        .reloads = {st->n_reloaded, st->n_unchanged, st->n_failed},
+        .client_connections = atomic_load(&control.shared.connections),
+        .ready = ready(),
+    };
+    reply->type = "text/plain; version=0.0.4; charset=utf-8";
+    metrics_render(&reply->body, &m);
+    sinks_metrics(control.sinks, &reply->body);
+}
+
 static void route_reload(void *arg, const http_head_t *req, admin_reply_t *reply)
 {
     (void)arg;
@@ -590,7 +629,9 @@ static int start_control(void)
                     control.cfg.admin, uv_strerror(rc));
             return -1;
         }
-        if (admin_route(control.admin, HTTP_M_GET, "/alerts", route_alerts, NULL) < 0 ||
+        if (admin_route(control.admin, HTTP_M_GET, "/readyz", route_readyz, NULL) < 0 ||
+            admin_route(control.admin, HTTP_M_GET, "/metrics", route_metrics, NULL) < 0 ||
+            admin_route(control.admin, HTTP_M_GET, "/alerts", route_alerts, NULL) < 0 ||
             admin_route(control.admin, HTTP_M_GET, "/policy", route_policy, NULL) < 0 ||
             admin_route(control.admin, HTTP_M_POST, "/reload", route_reload, NULL) < 0) {
             fprintf(stderr, "errord: out of memory\n");

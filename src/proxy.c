@@ -16,6 +16,7 @@
 #include "io.h"
 #include "list.h"
 #include "log.h"
+#include "metrics.h"
 #include "policy.h"
 #include "upstream.h"
 
@@ -118,6 +119,7 @@ struct client_s {
     int reading;
     int eof;
     int timer_mode;
+    uint64_t head_t0; /* first byte of a head not yet complete, or 0 */
 };
 
 /* What the client connection's timer is measuring. */
@@ -141,6 +143,7 @@ struct proxy_s {
     upstream_t *upstream;
     upstream_owner_t upstream_owner;
     policy_t *policy; /* NULL: every response passes */
+    metrics_t *metrics;
     http_limits_t req_limits;
     http_limits_t res_limits;
     list_t clients;
@@ -277,7 +280,7 @@ static void json_headers(const policy_t *policy, buf_t *b, const http_head_t *h)
         buf_puts(b, i ? ",\"" : "\"");
         buf_json_escape(b, name, n);
         buf_lit(b, "\":\"");
-        if (policy_header_secret(policy, name, n))
+        if (policy_header_secret(policy != NULL ? policy_settings(policy) : NULL, name, n))
             buf_lit(b, "[redacted]");
         else
             buf_json_escape(b, f->value, f->value_len);
@@ -400,6 +403,41 @@ static void log_access(txn_t *t)
     log_end(r);
 }
 
+/* Counts the finished transaction and its attempts in the metrics. */
+static void count_txn(txn_t *t)
+{
+    metrics_t *m = t->client->proxy->metrics;
+    metrics_verdict_t final = MV_NONE;
+    for (int i = 0; i < t->n_attempts; i++) {
+        const attempt_t *a = &t->attempts[i];
+        if (a->status > 0 && a->status < METRICS_STATUS)
+            metric_add(&m->upstream_responses[a->status], 1);
+        else
+            metric_add(&m->upstream_errors[metrics_error_of(a->error)], 1);
+        if (a->failure != NULL)
+            metric_add(&m->policy_errors[metrics_policy_error_of(a->failure)], 1);
+        metrics_observe(&m->attempt_seconds, a->ns);
+    }
+    if (t->n_attempts > 0) {
+        const attempt_t *last = &t->attempts[t->n_attempts - 1];
+        final = last->verdict[0] == 'r' ? (last->verdict[2] == 't' ? MV_RETRY : MV_RESPOND)
+                                        : MV_PASS;
+    }
+    int status = t->status > 0 && t->status < METRICS_STATUS ? t->status : 0;
+    metric_add(&m->requests[status][final], 1);
+    metrics_observe(&m->request_seconds, clock_now_ns() - t->t0);
+}
+
+/* Counts a request errord refused before its head was whole: no verdict,
+ * timed from its first byte. */
+static void count_reject(client_t *c, int status)
+{
+    metrics_t *m = c->proxy->metrics;
+    uint64_t now = clock_now_ns();
+    metric_add(&m->requests[status > 0 && status < METRICS_STATUS ? status : 0][MV_NONE], 1);
+    metrics_observe(&m->request_seconds, c->head_t0 != 0 ? now - c->head_t0 : 0);
+}
+
 /* ---- transactions ------------------------------------------------------------- */
 
 /* Closes the ledger line of the attempt in flight; returns it (NULL when
@@ -454,6 +492,7 @@ static void txn_finish(txn_t *t)
     client_t *c = t->client;
     int keep = t->keep_alive && !t->close_out;
     txn_release_upstream(t, 0);
+    count_txn(t);
     log_access(t);
     c->txn = NULL;
     txn_free(t);
@@ -898,6 +937,7 @@ static void txn_schedule_retry(txn_t *t, attempt_t *a, const verdict_t *v, uint6
     t->res_done = t->holding = t->res_over = 0;
     t->retries++;
     t->waited_ms += delay_ms;
+    metrics_retry(v->reason);
     if (a != NULL)
         a->delay_ms = (int64_t)delay_ms;
     if (v->cooldown)
@@ -972,6 +1012,7 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
             a->verdict = "retry";
             snprintf(a->reason, sizeof a->reason, "stale_connection");
         }
+        metrics_retry("stale_connection");
         t->stale_retried = 1;
         return txn_attempt(t, 1);
     }
@@ -1347,6 +1388,7 @@ static int on_req_head(void *ud, http_head_t *head)
     t->client = c;
     t->req = head;
     t->t0 = clock_now_ns();
+    c->head_t0 = 0;
     t->attempt = 1;
     t->policy = p->policy;
     t->replay_limit = REPLAY_LIMIT;
@@ -1485,6 +1527,7 @@ static void client_reject(client_t *c, int status, const char *message)
     txn_t *t = c->txn;
     if (t == NULL) {
         write_error(c, NULL, status, message, 0);
+        count_reject(c, status);
         log_record_t *r = log_begin(LOG_INFO, "rejected a request");
         log_str(r, "client", c->addr);
         log_int(r, "status", status);
@@ -1511,6 +1554,8 @@ static void client_feed(client_t *c, const char *data, size_t n)
             client_read_on(c, 0);
         return;
     }
+    if (c->txn == NULL && c->head_t0 == 0 && n > 0)
+        c->head_t0 = clock_now_ns();
     ssize_t used = http_parser_feed(c->parser, data, n);
     txn_t *t = c->txn;
     if (used < 0) {
@@ -1630,6 +1675,7 @@ static void client_drop_txn(client_t *c, const char *why)
     if (t->up != NULL)
         attempt_end(t, 0, "aborted");
     txn_release_upstream(t, 0);
+    count_txn(t);
     log_access(t);
     txn_free(t);
 }
@@ -1691,6 +1737,7 @@ static void on_connection(uv_stream_t *server, int status)
     io_peer_addr(&c->io, c->addr, sizeof c->addr);
     if (open > p->cfg->max_connections) {
         write_error(c, NULL, 503, "too many connections", 0);
+        count_reject(c, 503);
         log_record_t *r = log_begin(LOG_WARN, "connection limit reached; refused a client");
         log_str(r, "client", c->addr);
         log_int(r, "max_connections", (int64_t)p->cfg->max_connections);
@@ -1712,8 +1759,10 @@ static void on_connection(uv_stream_t *server, int status)
 
 static void on_check(uv_check_t *h)
 {
-    (void)h;
+    proxy_t *p = h->data;
     log_flush();
+    metric_set(&p->metrics->upstream_open, upstream_open_count(p->upstream));
+    metric_set(&p->metrics->upstream_idle, upstream_idle_count(p->upstream));
 }
 
 proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
@@ -1728,7 +1777,8 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
     if (policy != NULL)
         policy_hold(policy);
     p->rbuf = malloc(READ_BUF_SIZE);
-    if (p->rbuf == NULL) {
+    p->metrics = metrics_new_worker(); /* lives as long as the process: a scrape reads it */
+    if (p->rbuf == NULL || p->metrics == NULL) {
         policy_release(p->policy);
         free(p);
         snprintf(err, errlen, "out of memory");
@@ -1760,6 +1810,7 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
     loop->data = p;
     uv_tcp_init(loop, &p->listener);
     uv_check_init(loop, &p->flusher);
+    p->flusher.data = p;
     uv_check_start(&p->flusher, on_check);
     p->open_handles = 2;
     return p;

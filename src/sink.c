@@ -5,6 +5,7 @@
 #include "clock.h"
 #include "httpc.h"
 #include "log.h"
+#include "metrics.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -691,6 +692,26 @@ void sinks_state_json(sinks_t *s, buf_t *out)
         buf_lit(out, "}");
     }
     buf_lit(out, "]}\n");
+}
+
+void sinks_metrics(sinks_t *s, buf_t *out)
+{
+    static const char *const result[] = {"sent", "failed", "dropped"};
+    metrics_family(out, "errord_alert_deliveries_total", "counter",
+                   "Deliveries to the alert sinks of settings.alerts (sink: its position there, "
+                   "from 1), by result: sent, failed (and retried), dropped (queue full, too "
+                   "many tries, or undeliverable).");
+    for (size_t i = 0; s != NULL && i < s->n; i++) {
+        const sink_t *k = s->sink[i];
+        const uint64_t n[] = {k->sent, k->failed, k->dropped};
+        for (int r = 0; r < 3; r++)
+            buf_printf(out, "errord_alert_deliveries_total{sink=\"%zu\",kind=\"%s\",result=\"%s\"} %llu\n",
+                       i + 1, KIND_NAME[k->cfg.kind], result[r], (unsigned long long)n[r]);
+    }
+    metrics_family(out, "errord_alert_queue", "gauge", "Deliveries waiting, by sink.");
+    for (size_t i = 0; s != NULL && i < s->n; i++)
+        buf_printf(out, "errord_alert_queue{sink=\"%zu\",kind=\"%s\"} %d\n", i + 1,
+                   KIND_NAME[s->sink[i]->cfg.kind], s->sink[i]->queued);
 }
 
 void sinks_close(sinks_t *s, uint64_t timeout_ms, void (*done)(void *arg), void *arg)

@@ -37,6 +37,9 @@ int sinks_update(sinks_t *s, const policy_settings_t *settings);
  * {"alerts":[...],"sinks":[...]}, to `out`. */
 void sinks_state_json(sinks_t *s, buf_t *out);
 
+/* Appends the sinks' metrics in the Prometheus text format. */
+void sinks_metrics(sinks_t *s, buf_t *out);
+
 /* Sends what is due now and waits for the queues to empty, for at most
  * `timeout_ms`; then closes everything and calls `done`. */
 void sinks_close(sinks_t *s, uint64_t timeout_ms, void (*done)(void *arg), void *arg);

@@ -314,6 +314,11 @@ size_t upstream_open_count(const upstream_t *u)
     return u->n_open;
 }
 
+size_t upstream_idle_count(const upstream_t *u)
+{
+    return u->n_idle;
+}
+
 void upstream_shutdown(upstream_t *u, void (*done)(void *arg), void *arg)
 {
     u->closing = 1;

@@ -65,6 +65,9 @@ void upconn_resume(upconn_t *c);
 /* Connections open now (pooled, leased and connecting). */
 size_t upstream_open_count(const upstream_t *u);
 
+/* ... of which pooled, waiting for reuse. */
+size_t upstream_idle_count(const upstream_t *u);
+
 /* Closes the pooled connections and refuses new leases. Leased ones close
  * when released. `done` fires once no connection is left open. */
 void upstream_shutdown(upstream_t *u, void (*done)(void *arg), void *arg);
