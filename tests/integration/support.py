@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -495,6 +496,11 @@ class Client:
 
     def shutdown_write(self):
         self.sock.shutdown(socket.SHUT_WR)
+
+    def reset(self):
+        """Leaves for good: the close sends a TCP reset, not a half-close."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
 
     def close(self):
         try:
