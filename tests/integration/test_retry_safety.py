@@ -436,9 +436,9 @@ end"""), "--first-byte-timeout", "10s")
     assert script.count("/try") == 2
     first, second = script.arrivals("/try")
     assert second - first >= 0.2 - TICK
+    rec = access_for(e, "/try")  # written after the handler's log record
     logs = e.all(type="log", msg="error seen")
     assert [x["seen_kind"] for x in logs] == ["timeout"]
-    rec = access_for(e, "/try")
     check_ledger(rec)
     assert ledger(rec) == [("timeout", "retry", "timeout", None, None),
                            (200, "pass", None, None, None)]
