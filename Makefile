@@ -19,7 +19,7 @@ CC         ?= cc
 PYTHON     ?= /usr/bin/python3
 LLHTTP_SRC ?= /usr/share/llhttp
 LLHTTP_INC ?= /usr/share/include/llhttp
-PKGS        = libuv lua5.4 libcjson
+PKGS        = libuv lua5.4 libcjson libssl libcrypto
 
 # Every target but clean needs the Debian packages: scripts/setup installs
 # what is missing before make looks at a single file (make caches directory

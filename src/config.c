@@ -29,6 +29,10 @@ static const option_t OPTIONS[] = {
         "where clients connect"),
     OPT("upstream", "ERRORD_UPSTREAM", OPT_STR, upstream, NULL, "URL",
         "the API errord forwards to, http://HOST[:PORT] (required)"),
+    OPT("upstream-ca", "ERRORD_UPSTREAM_CA", OPT_STR, upstream_ca, NULL, "FILE",
+        "with https: trust the CA certificates in FILE (PEM) instead of the system's"),
+    OPT("upstream-insecure", "ERRORD_UPSTREAM_INSECURE", OPT_BOOL, upstream_insecure, "0", NULL,
+        "with https: do not verify the upstream's certificate (testing only)"),
     OPT("policy", "ERRORD_POLICY", OPT_STR, policy, NULL, "FILE",
         "the Lua policy (default: lua/default.lua of the install; off: none)"),
     OPT("admin", "ERRORD_ADMIN", OPT_STR, admin, "127.0.0.1:9901", "ADDR:PORT",
@@ -177,19 +181,17 @@ int config_parse_addr(const char *s, struct sockaddr_storage *ss)
     return uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) < 0 ? -EINVAL : 0;
 }
 
-/* http://HOST[:PORT][/] */
+/* http[s]://HOST[:PORT][/] */
 static int parse_upstream(config_t *c, char *err, size_t errlen)
 {
     const char *u = c->upstream;
-    if (strncasecmp(u, "https://", 8) == 0) {
-        errf(err, errlen, "--upstream %s: https upstreams are not supported by this build", u);
+    c->upstream_tls = strncasecmp(u, "https://", 8) == 0;
+    if (!c->upstream_tls && strncasecmp(u, "http://", 7) != 0) {
+        errf(err, errlen, "--upstream %s: expected http://HOST[:PORT] or https://HOST[:PORT]", u);
         return -1;
     }
-    if (strncasecmp(u, "http://", 7) != 0) {
-        errf(err, errlen, "--upstream %s: expected http://HOST[:PORT]", u);
-        return -1;
-    }
-    const char *h = u + 7, *end = h + strcspn(h, "/?#");
+    const int default_port = c->upstream_tls ? 443 : 80;
+    const char *h = u + (c->upstream_tls ? 8 : 7), *end = h + strcspn(h, "/?#");
     if (*end != '\0' && strcmp(end, "/") != 0) {
         errf(err, errlen, "--upstream %s: a path is not supported, give http://HOST[:PORT]", u);
         return -1;
@@ -215,7 +217,7 @@ static int parse_upstream(config_t *c, char *err, size_t errlen)
     }
     if (hend == h)
         goto bad;
-    c->upstream_port = 80;
+    c->upstream_port = default_port;
     if (port != NULL) {
         long p = 0;
         if (port == end)
@@ -234,8 +236,8 @@ static int parse_upstream(config_t *c, char *err, size_t errlen)
     c->upstream_host = strndup(h, (size_t)(hend - h));
     /* The Host errord sends: the port only when it is not the default. */
     char auth[300];
-    int v6 = u[7] == '[';
-    if (c->upstream_port == 80)
+    int v6 = *(h - 1) == '[';
+    if (c->upstream_port == default_port)
         snprintf(auth, sizeof auth, "%s%s%s", v6 ? "[" : "", c->upstream_host, v6 ? "]" : "");
     else
         snprintf(auth, sizeof auth, "%s%s%s:%d", v6 ? "[" : "", c->upstream_host, v6 ? "]" : "",
@@ -243,7 +245,8 @@ static int parse_upstream(config_t *c, char *err, size_t errlen)
     c->upstream_authority = strdup(auth);
     return 0;
 bad:
-    errf(err, errlen, "--upstream %s: expected http://HOST[:PORT]", u);
+    errf(err, errlen, "--upstream %s: expected %s://HOST[:PORT]", u,
+         c->upstream_tls ? "https" : "http");
     return -1;
 }
 
@@ -335,6 +338,18 @@ static int check(config_t *c, char *err, size_t errlen)
     }
     if (parse_upstream(c, err, errlen) < 0)
         return -1;
+    if (!c->upstream_tls && (c->upstream_ca != NULL || c->upstream_insecure)) {
+        errf(err, errlen, "--upstream-ca and --upstream-insecure need an https:// --upstream");
+        return -1;
+    }
+    if (c->upstream_ca != NULL) {
+        FILE *f = fopen(c->upstream_ca, "r");
+        if (f == NULL) {
+            errf(err, errlen, "--upstream-ca %s: %s", c->upstream_ca, strerror(errno));
+            return -1;
+        }
+        fclose(f);
+    }
     if (log_level_parse(c->log_level_name, &c->log_level) < 0) {
         errf(err, errlen, "--log-level %s: expected debug, info, warn or error",
              c->log_level_name);

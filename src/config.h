@@ -13,11 +13,14 @@ typedef struct {
     /* where clients connect */
     char *listen;
     struct sockaddr_storage listen_addr;
-    /* the upstream, from --upstream http://HOST[:PORT] */
+    /* the upstream, from --upstream http[s]://HOST[:PORT] */
     char *upstream;
     char *upstream_host;      /* without brackets for IPv6 */
     int upstream_port;
     char *upstream_authority; /* "host[:port]", the Host errord sends */
+    int upstream_tls;         /* https */
+    char *upstream_ca;        /* PEM CAs trusted instead of the system's */
+    int upstream_insecure;    /* no certificate verification */
     char *policy;
     char *admin; /* ADDR:PORT or "off" */
     struct sockaddr_storage admin_addr;

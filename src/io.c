@@ -20,6 +20,9 @@ static void on_handle_closed(uv_handle_t *h)
     io_t *io = h->data;
     if (--io->open_handles == 0) {
         buf_free(&io->out);
+        buf_free(&io->cipher);
+        tls_conn_free(io->tls);
+        io->tls = NULL;
         io->on_closed(io);
     }
 }
@@ -76,25 +79,25 @@ static void on_write_done(uv_write_t *req, int status)
         io->on_drain(io);
 }
 
-int io_flush(io_t *io)
+/* Writes `b` (io->out or io->cipher): straight into the socket when it
+ * takes it all, else handed to libuv with what is left. */
+static int write_out(io_t *io, buf_t *b)
 {
-    if (io->closing || io->out.len == 0)
+    if (b->len == 0)
         return 0;
-    if (io->failed)
-        return -EPIPE;
     size_t off = 0;
     if (io->in_flight == 0) {
-        uv_buf_t b = uv_buf_init(io->out.data, (unsigned)io->out.len);
-        int n = uv_try_write((uv_stream_t *)&io->tcp, &b, 1);
+        uv_buf_t ub = uv_buf_init(b->data, (unsigned)b->len);
+        int n = uv_try_write((uv_stream_t *)&io->tcp, &ub, 1);
         if (n >= 0) {
             off = (size_t)n;
-            if (off == io->out.len) {
-                buf_clear(&io->out);
+            if (off == b->len) {
+                buf_clear(b);
                 return 0;
             }
         } else if (n != UV_EAGAIN) {
             io->failed = 1;
-            buf_clear(&io->out);
+            buf_clear(b);
             return n;
         }
     }
@@ -102,11 +105,11 @@ int io_flush(io_t *io)
     if (w == NULL)
         return -ENOMEM;
     w->io = io;
-    w->data = io->out;
+    w->data = *b;
     w->off = off;
-    io->out = (buf_t)BUF_INIT;
-    uv_buf_t b = uv_buf_init(w->data.data + off, (unsigned)(w->data.len - off));
-    int rc = uv_write(&w->req, (uv_stream_t *)&io->tcp, &b, 1, on_write_done);
+    *b = (buf_t)BUF_INIT;
+    uv_buf_t ub = uv_buf_init(w->data.data + off, (unsigned)(w->data.len - off));
+    int rc = uv_write(&w->req, (uv_stream_t *)&io->tcp, &ub, 1, on_write_done);
     if (rc < 0) {
         buf_free(&w->data);
         free(w);
@@ -117,6 +120,52 @@ int io_flush(io_t *io)
     return 0;
 }
 
+int io_flush(io_t *io)
+{
+    if (io->closing)
+        return 0;
+    if (io->failed)
+        return io->out.len + io->cipher.len > 0 ? -EPIPE : 0;
+    if (io->tls == NULL)
+        return write_out(io, &io->out);
+    if (io->tls_ready && io->out.len > 0) {
+        if (tls_write(io->tls, io->out.data, io->out.len) < 0) {
+            io->failed = 1;
+            return -EPROTO;
+        }
+        buf_clear(&io->out);
+    }
+    if (tls_take_output(io->tls, &io->cipher) < 0)
+        return -ENOMEM;
+    return write_out(io, &io->cipher);
+}
+
+int io_tls_start(io_t *io, tls_ctx_t *ctx, const char *host, uv_idle_cb on_idle)
+{
+    io->tls = tls_conn_new(ctx, host);
+    if (io->tls == NULL)
+        return -ENOMEM;
+    uv_idle_init(io->tcp.loop, &io->tls_idle);
+    io->tls_idle.data = io;
+    io->tls_idle_cb = on_idle;
+    io->open_handles++;
+    return 0;
+}
+
+static void on_tls_idle(uv_idle_t *h)
+{
+    io_t *io = h->data;
+    uv_idle_stop(h);
+    if (!io->closing)
+        io->tls_idle_cb(h);
+}
+
+void io_tls_kick(io_t *io)
+{
+    if (io->tls != NULL && !io->closing)
+        uv_idle_start(&io->tls_idle, on_tls_idle);
+}
+
 void io_close(io_t *io)
 {
     if (io->closing)
@@ -125,6 +174,8 @@ void io_close(io_t *io)
     uv_read_stop((uv_stream_t *)&io->tcp);
     uv_close((uv_handle_t *)&io->tcp, on_handle_closed);
     uv_close((uv_handle_t *)&io->timer, on_handle_closed);
+    if (io->tls != NULL)
+        uv_close((uv_handle_t *)&io->tls_idle, on_handle_closed);
 }
 
 static void on_linger_timeout(uv_timer_t *t)

@@ -12,6 +12,7 @@
 #define ERRORD_IO_H
 
 #include "buf.h"
+#include "tls.h"
 
 #include <stdint.h>
 #include <uv.h>
@@ -31,6 +32,11 @@ struct io_s {
     void *owner;
     int open_handles;
     uint64_t linger_ms;
+    tls_conn_t *tls;     /* when the connection speaks TLS: out is plaintext */
+    buf_t cipher;        /* TLS records not yet handed to the socket */
+    uv_idle_t tls_idle;  /* reads plaintext OpenSSL holds, after a pause */
+    uv_idle_cb tls_idle_cb;
+    unsigned tls_ready : 1;   /* handshake done: plaintext may be sent */
     unsigned closing : 1;     /* io_close() was called */
     unsigned close_after : 1; /* close once the output is written */
     unsigned failed : 1;      /* a write failed */
@@ -47,7 +53,10 @@ int io_append(io_t *io, const void *p, size_t n);
 int io_flush(io_t *io);
 
 /* Bytes gathered or in flight. */
-static inline size_t io_pending(const io_t *io) { return io->out.len + io->in_flight; }
+static inline size_t io_pending(const io_t *io)
+{
+    return io->out.len + io->cipher.len + io->in_flight;
+}
 
 /* Closes now, dropping unwritten output. */
 void io_close(io_t *io);
@@ -56,6 +65,16 @@ void io_close(io_t *io);
  * sends for up to `linger_ms` (so it is not reset before it reads the
  * answer), then closes. */
 void io_close_after_flush(io_t *io, uint64_t linger_ms);
+
+/* Makes `io` (connected) a TLS client of `host`: from now on output is
+ * encrypted at io_flush() (once io->tls_ready is set) and the owner
+ * passes what it reads through io->tls. The owner's `on_idle` runs, once
+ * per io_tls_kick(), to read plaintext OpenSSL still holds. Returns 0 or
+ * -ENOMEM. */
+int io_tls_start(io_t *io, tls_ctx_t *ctx, const char *host, uv_idle_cb on_idle);
+
+/* Schedules the owner's on_idle for the next loop turn. */
+void io_tls_kick(io_t *io);
 
 /* The peer's address as text ("127.0.0.1"), or "-" when unknown. */
 void io_peer_addr(io_t *io, char *out, size_t n);

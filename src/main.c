@@ -20,6 +20,7 @@
 #include "policy.h"
 #include "proxy.h"
 #include "sink.h"
+#include "tls.h"
 #include "sha256.h"
 #include "tools.h"
 
@@ -796,6 +797,24 @@ int main(int argc, char **argv)
     }
 
     log_set_level(control.cfg.log_level);
+    if (control.cfg.upstream_tls) {
+        /* the trust settings, checked once before anything starts */
+        tls_ctx_t *tls = tls_ctx_new(control.cfg.upstream_ca, control.cfg.upstream_insecure, err,
+                                     sizeof err);
+        if (tls == NULL) {
+            fprintf(stderr, "errord: --upstream-ca %s\n", err);
+            config_free(&control.cfg);
+            return 2;
+        }
+        tls_ctx_free(tls);
+        if (control.cfg.upstream_insecure) {
+            log_record_t *r = log_begin(LOG_WARN, "upstream TLS certificates are not verified "
+                                                  "(--upstream-insecure): anyone on the path "
+                                                  "can read and change the traffic");
+            log_str(r, "upstream", control.cfg.upstream);
+            log_end(r);
+        }
+    }
     if (resolve_policy(&control.policy_path, err, sizeof err) < 0) {
         fprintf(stderr, "errord: %s\n", err);
         config_free(&control.cfg);

@@ -63,8 +63,8 @@ void metrics_observe(histogram_t *h, uint64_t ns)
     metric_add(&h->sum_us, us);
 }
 
-static const char *const ERROR_NAME[ME_N] = {"connect",  "timeout", "reset",
-                                             "protocol", "deadline", "aborted"};
+static const char *const ERROR_NAME[ME_N] = {"connect",  "timeout",  "reset",  "protocol",
+                                             "deadline", "aborted", "tls"};
 static const char *const POLICY_ERROR_NAME[MP_N] = {"error", "timeout", "memory", "verdict"};
 static const char *const VERDICT_NAME[MV_N] = {"pass", "retry", "respond", "none"};
 static const char *const RELOAD_NAME[3] = {"reloaded", "unchanged", "failed"};
@@ -326,6 +326,12 @@ void metrics_render(buf_t *out, const metrics_control_t *c)
     buf_printf(out, "errord_upstream_connections{state=\"active\"} %llu\n",
                (unsigned long long)(open > idle ? open - idle : 0));
     buf_printf(out, "errord_upstream_connections{state=\"idle\"} %llu\n", (unsigned long long)idle);
+    metrics_family(out, "errord_upstream_tls_handshakes_total", "counter",
+                   "TLS handshakes with an https upstream: full, or resuming a session.");
+    buf_printf(out, "errord_upstream_tls_handshakes_total{session=\"new\"} %llu\n",
+               (unsigned long long)SUM(tls_full));
+    buf_printf(out, "errord_upstream_tls_handshakes_total{session=\"resumed\"} %llu\n",
+               (unsigned long long)SUM(tls_resumed));
 
     uint64_t now = clock_now_ms(), until = budget_cooldown_until(now);
     metrics_family(out, "errord_cooldown_active", "gauge",

@@ -43,7 +43,16 @@ static inline void metric_set(metric_t *m, uint64_t v)
 typedef enum { MV_PASS, MV_RETRY, MV_RESPOND, MV_NONE, MV_N } metrics_verdict_t;
 
 /* Why an attempt got no response. */
-typedef enum { ME_CONNECT, ME_TIMEOUT, ME_RESET, ME_PROTOCOL, ME_DEADLINE, ME_ABORTED, ME_N } metrics_error_t;
+typedef enum {
+    ME_CONNECT,
+    ME_TIMEOUT,
+    ME_RESET,
+    ME_PROTOCOL,
+    ME_DEADLINE,
+    ME_ABORTED,
+    ME_TLS,
+    ME_N
+} metrics_error_t;
 
 /* How a policy handler failed. */
 typedef enum { MP_ERROR, MP_TIMEOUT, MP_MEMORY, MP_VERDICT, MP_N } metrics_policy_error_t;
@@ -63,6 +72,8 @@ typedef struct {
     histogram_t request_seconds;
     metric_t upstream_open; /* gauges */
     metric_t upstream_idle;
+    metric_t tls_full;      /* TLS handshakes with the upstream so far */
+    metric_t tls_resumed;
     histogram_t attempt_seconds;
 } metrics_t;
 

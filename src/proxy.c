@@ -85,6 +85,7 @@ typedef struct {
     uint64_t waited_ms;   /* retry delays and holds, in all */
     int status;          /* what the client got */
     const char *error;   /* why the transaction ended badly */
+    char tls_error[192]; /* the words of a failed TLS handshake */
     uint64_t attempt_t0;
     uint64_t res_bytes;  /* bytes received from the upstream on this attempt */
     attempt_t attempts[MAX_ATTEMPTS];
@@ -666,6 +667,12 @@ static int txn_up_ready(txn_t *t)
 static void on_up_ready(upconn_t *u, int status)
 {
     txn_t *t = u->owner;
+    if (status == UPSTREAM_ETLS) {
+        snprintf(t->tls_error, sizeof t->tls_error, "TLS handshake with the upstream failed: %s",
+                 upconn_tls_error(u));
+        txn_upstream_failed(t, "tls", 502, t->tls_error);
+        return;
+    }
     if (status < 0) {
         const char *why = status == UV_ETIMEDOUT ? "upstream connect timed out"
                           : (status == UV_EAI_NONAME || status == UV_EAI_AGAIN ||
@@ -1763,6 +1770,10 @@ static void on_check(uv_check_t *h)
     log_flush();
     metric_set(&p->metrics->upstream_open, upstream_open_count(p->upstream));
     metric_set(&p->metrics->upstream_idle, upstream_idle_count(p->upstream));
+    unsigned long full, resumed;
+    upstream_tls_counts(p->upstream, &full, &resumed);
+    metric_set(&p->metrics->tls_full, full);
+    metric_set(&p->metrics->tls_resumed, resumed);
 }
 
 proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
@@ -1799,12 +1810,11 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
     p->upstream_owner.on_read = on_up_read;
     p->upstream_owner.response = &RESPONSE_HANDLER;
     p->upstream_owner.limits = &p->res_limits;
-    p->upstream = upstream_new(loop, cfg, &p->upstream_owner);
+    p->upstream = upstream_new(loop, cfg, &p->upstream_owner, err, errlen);
     if (p->upstream == NULL) {
         policy_release(p->policy);
         free(p->rbuf);
         free(p);
-        snprintf(err, errlen, "out of memory");
         return NULL;
     }
     loop->data = p;

@@ -5,6 +5,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,7 +13,10 @@
 #define RESOLVE_TTL_MS 30000
 #define MAX_ADDRS 8
 
-enum { UC_RESOLVING, UC_CONNECTING, UC_LEASED, UC_IDLE };
+enum { UC_RESOLVING, UC_CONNECTING, UC_HANDSHAKE, UC_LEASED, UC_IDLE };
+
+/* Plaintext out of OpenSSL, before it goes to the lessee. */
+static _Thread_local char plain_buf[64 * 1024];
 
 struct upstream_s {
     uv_loop_t *loop;
@@ -30,6 +34,7 @@ struct upstream_s {
     int resolve_error;
     uint64_t resolved_at;
     uv_getaddrinfo_t gai;
+    tls_ctx_t *tls; /* https */
     int closing;
     void (*on_shutdown)(void *arg);
     void *shutdown_arg;
@@ -105,11 +110,19 @@ static void resolve(upstream_t *u)
         u->resolve_error = rc;
 }
 
-upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const upstream_owner_t *owner)
+upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const upstream_owner_t *owner,
+                         char *err, size_t errlen)
 {
     upstream_t *u = calloc(1, sizeof *u);
-    if (u == NULL)
+    if (u == NULL) {
+        snprintf(err, errlen, "out of memory");
         return NULL;
+    }
+    if (cfg->upstream_tls &&
+        (u->tls = tls_ctx_new(cfg->upstream_ca, cfg->upstream_insecure, err, errlen)) == NULL) {
+        free(u);
+        return NULL;
+    }
     u->loop = loop;
     u->cfg = cfg;
     u->owner = owner;
@@ -170,12 +183,34 @@ static void fail_soon(upconn_t *c, int status)
     uv_timer_start(&c->io.timer, on_connect_timeout, 0, 0);
 }
 
+/* Advances the TLS handshake; reports the connection ready once done. */
+static void conn_handshake(upconn_t *c)
+{
+    int rc = tls_handshake(c->io.tls);
+    if (io_flush(&c->io) < 0 && rc >= 0)
+        rc = -2;
+    if (rc == 0)
+        return;
+    uv_timer_stop(&c->io.timer);
+    if (rc < 0) {
+        c->state = UC_CONNECTING; /* failed: the owner releases it */
+        c->on_ready(c, rc == -1 ? UPSTREAM_ETLS : UV_EPIPE);
+        return;
+    }
+    c->io.tls_ready = 1;
+    c->state = UC_LEASED;
+    c->on_ready(c, 0);
+}
+
+static void on_tls_pending(uv_idle_t *h);
+
 static void on_connected(uv_connect_t *req, int status)
 {
     upconn_t *c = req->data;
     if (status == UV_ECANCELED || c->io.closing)
         return;
-    uv_timer_stop(&c->io.timer);
+    if (status < 0 || c->up->tls == NULL)
+        uv_timer_stop(&c->io.timer);
     if (status < 0) {
         upstream_t *u = c->up;
         if (u->n_addrs > 1)
@@ -184,11 +219,21 @@ static void on_connected(uv_connect_t *req, int status)
         return;
     }
     uv_tcp_nodelay(&c->io.tcp, 1);
-    c->state = UC_LEASED;
     if (uv_read_start((uv_stream_t *)&c->io.tcp, c->up->owner->alloc, on_conn_read) < 0) {
         c->on_ready(c, UV_EIO);
         return;
     }
+    if (c->up->tls != NULL) {
+        /* the connect timeout runs on until the handshake is done */
+        if (io_tls_start(&c->io, c->up->tls, c->up->cfg->upstream_host, on_tls_pending) < 0) {
+            c->on_ready(c, UV_ENOMEM);
+            return;
+        }
+        c->state = UC_HANDSHAKE;
+        conn_handshake(c);
+        return;
+    }
+    c->state = UC_LEASED;
     c->on_ready(c, 0);
 }
 
@@ -257,9 +302,8 @@ int upstream_lease(upstream_t *u, void *owner, int fresh, upconn_ready_cb cb, up
 
 /* Reads go to the lessee; a pooled connection must stay silent, so data or
  * EOF there means the connection is done. */
-static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+static void deliver(upconn_t *c, uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
-    upconn_t *c = ((io_t *)s->data)->owner;
     if (c->state == UC_LEASED) {
         c->up->owner->on_read(s, nread, b);
         return;
@@ -272,14 +316,81 @@ static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     conn_close(c);
 }
 
+/* Hands the lessee the plaintext OpenSSL has, until it pauses; the peer's
+ * close_notify or a broken record reads as EOF or a reset. */
+static void tls_drain(upconn_t *c)
+{
+    uv_stream_t *s = (uv_stream_t *)&c->io.tcp;
+    while (!c->io.closing && !c->paused && c->state != UC_CONNECTING) {
+        ssize_t n = tls_read(c->io.tls, plain_buf, sizeof plain_buf);
+        if (n == 0)
+            break;
+        if (n < 0) {
+            deliver(c, s, n == TLS_CLOSED ? UV_EOF : UV_ECONNRESET, NULL);
+            return;
+        }
+        uv_buf_t b = uv_buf_init(plain_buf, (unsigned)n);
+        deliver(c, s, n, &b);
+    }
+    if (!c->io.closing && io_flush(&c->io) < 0 && c->state == UC_IDLE)
+        conn_close(c);
+}
+
+static void on_tls_pending(uv_idle_t *h)
+{
+    upconn_t *c = ((io_t *)h->data)->owner;
+    tls_drain(c);
+}
+
+static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    upconn_t *c = ((io_t *)s->data)->owner;
+    if (c->io.tls == NULL || nread == 0) {
+        deliver(c, s, nread, b);
+        return;
+    }
+    if (nread < 0 || tls_feed(c->io.tls, b->base, (size_t)nread) < 0) {
+        if (c->state != UC_HANDSHAKE) {
+            deliver(c, s, nread < 0 ? nread : UV_ENOMEM, NULL);
+            return;
+        }
+        uv_timer_stop(&c->io.timer);
+        c->state = UC_CONNECTING;
+        c->on_ready(c, nread == UV_EOF ? UPSTREAM_ETLS : (int)nread);
+        return;
+    }
+    if (c->state == UC_HANDSHAKE) {
+        conn_handshake(c);
+        if (c->state != UC_LEASED)
+            return;
+    }
+    tls_drain(c);
+}
+
+const char *upconn_tls_error(const upconn_t *c)
+{
+    return c->io.tls != NULL ? tls_error(c->io.tls)
+                             : "the connection closed during the TLS handshake";
+}
+
+void upstream_tls_counts(const upstream_t *u, unsigned long *full, unsigned long *resumed)
+{
+    *full = *resumed = 0;
+    if (u->tls != NULL)
+        tls_ctx_counts(u->tls, full, resumed);
+}
+
 void upconn_pause(upconn_t *c)
 {
+    c->paused = 1;
     uv_read_stop((uv_stream_t *)&c->io.tcp);
 }
 
 void upconn_resume(upconn_t *c)
 {
+    c->paused = 0;
     uv_read_start((uv_stream_t *)&c->io.tcp, c->up->owner->alloc, on_conn_read);
+    io_tls_kick(&c->io); /* what OpenSSL read before the pause */
 }
 
 static void on_idle_timeout(uv_timer_t *t)
@@ -336,5 +447,6 @@ void upstream_shutdown(upstream_t *u, void (*done)(void *arg), void *arg)
 
 void upstream_free(upstream_t *u)
 {
+    tls_ctx_free(u->tls);
     free(u);
 }

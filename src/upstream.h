@@ -19,7 +19,9 @@ typedef struct upstream_s upstream_t;
 typedef struct upconn_s upconn_t;
 
 /* A leased connection is ready (status 0) or could not be made (a libuv
- * error: UV_ECONNREFUSED, UV_ETIMEDOUT, UV_EAI_NONAME...). */
+ * error: UV_ECONNREFUSED, UV_ETIMEDOUT, UV_EAI_NONAME..., or UPSTREAM_ETLS
+ * when the TLS handshake failed: upconn_tls_error() says why). */
+#define UPSTREAM_ETLS (-20001)
 typedef void (*upconn_ready_cb)(upconn_t *c, int status);
 
 struct upconn_s {
@@ -33,6 +35,7 @@ struct upconn_s {
     uv_connect_t connect_req;
     int state;
     int fail_status; /* a connect failure waiting to be reported */
+    int paused;      /* reading stopped by the lessee */
 };
 
 /* What the owner of a leased connection is told, and how errord reads. */
@@ -43,8 +46,10 @@ typedef struct {
     const http_limits_t *limits;
 } upstream_owner_t;
 
-/* Creates the upstream of one event loop. `owner` must outlive it. */
-upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const upstream_owner_t *owner);
+/* Creates the upstream of one event loop. `owner` must outlive it. NULL
+ * with a message in `err` when it cannot be made (memory, the CA file). */
+upstream_t *upstream_new(uv_loop_t *loop, const config_t *cfg, const upstream_owner_t *owner,
+                         char *err, size_t errlen);
 
 /* Leases a connection to `owner`. When an idle pooled one exists (and
  * `fresh` is 0), it is returned ready in *out and the result is 1. Otherwise
@@ -61,6 +66,12 @@ void upstream_release(upconn_t *c, int reusable);
  * leased or pooled, so that reuse costs no system call. */
 void upconn_pause(upconn_t *c);
 void upconn_resume(upconn_t *c);
+
+/* Why the TLS handshake failed ("certificate has expired", ...). */
+const char *upconn_tls_error(const upconn_t *c);
+
+/* TLS handshakes so far on this upstream, full and resumed (0 for http). */
+void upstream_tls_counts(const upstream_t *u, unsigned long *full, unsigned long *resumed);
 
 /* Connections open now (pooled, leased and connecting). */
 size_t upstream_open_count(const upstream_t *u);

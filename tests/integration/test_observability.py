@@ -72,7 +72,7 @@ FAMILIES = {
     "process_open_fds": "gauge",
     "process_start_time_seconds": "gauge",
 }
-UPSTREAM_ERROR_KINDS = {"connect", "timeout", "reset", "protocol", "deadline", "aborted"}
+UPSTREAM_ERROR_KINDS = {"connect", "tls", "timeout", "reset", "protocol", "deadline", "aborted"}
 REFUSALS = {"attempts", "budget", "deadline", "unsafe", "body_too_large", "body_incomplete",
             "retry_after"}
 POLICY_ERROR_KINDS = {"error", "timeout", "memory", "verdict"}

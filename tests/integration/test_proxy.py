@@ -836,7 +836,11 @@ def test_version_prints_version():
     (("--upstream", "http://127.0.0.1:1", "--connect-timeout", "soon"), "--connect-timeout"),
     (("--upstream", "http://127.0.0.1:1", "--log-level", "loud"), "--log-level"),
     (("--upstream", "http://127.0.0.1:1", "--no-such-flag"), "--no-such-flag"),
-    (("--upstream", "https://127.0.0.1:1"), "--upstream"),
+    (("--upstream", "https://127.0.0.1:1/api"), "--upstream"),
+    (("--upstream", "ftp://127.0.0.1:1"), "--upstream"),
+    (("--upstream", "http://127.0.0.1:1", "--upstream-insecure"), "https"),
+    (("--upstream", "https://127.0.0.1:1", "--upstream-ca", "/nonexistent/ca.pem"),
+     "/nonexistent/ca.pem"),
     (("--upstream", "http://127.0.0.1:1/api"), "--upstream"),
 ])
 def test_bad_command_line_exits_2(args, needle):

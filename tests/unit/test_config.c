@@ -376,6 +376,11 @@ TEST(config_upstream_url_forms)
         {"http://[::1]:8080/", "::1", 8080, "[::1]:8080"},
         {"http://[::1]", "::1", 80, "[::1]"},
         {"http://[2001:db8::7]:65535", "2001:db8::7", 65535, "[2001:db8::7]:65535"},
+        {"https://api.example.com", "api.example.com", 443, "api.example.com"},
+        {"HTTPS://api.example.com:443/", "api.example.com", 443, "api.example.com"},
+        {"https://api.example.com:8443", "api.example.com", 8443, "api.example.com:8443"},
+        {"https://[::1]:8443", "::1", 8443, "[::1]:8443"},
+        {"https://[::1]", "::1", 443, "[::1]"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         clear_env();
@@ -399,8 +404,9 @@ TEST(config_upstream_url_forms)
 TEST(config_upstream_url_refused)
 {
     const char *bad[] = {
-        "https://api.example.com",       /* no TLS in this build */
-        "https://api.example.com:8443",
+        "https://api.example.com/v1",    /* a path */
+        "https://",
+        "https://host:0",
         "http://api.example.com/v1",     /* a path */
         "http://api.example.com/v1/",
         "http://127.0.0.1:8081/x",
@@ -436,15 +442,30 @@ TEST(config_upstream_url_refused)
     }
 }
 
-TEST(config_upstream_https_message_says_why)
+TEST(config_upstream_tls_flags)
 {
     clear_env();
     config_t c;
     char err[512] = "";
-    char *argv[] = {"errord", "--upstream", "https://api.example.com"};
-    ASSERT_EQ(config_parse(&c, ARGC(argv), argv, err, sizeof err), -1);
+    char *tls[] = {"errord", "--upstream", "https://api.example.com", "--upstream-ca",
+                   "/dev/null", "--upstream-insecure"};
+    ASSERT_EQ(config_parse(&c, ARGC(tls), tls, err, sizeof err), CONFIG_RUN);
+    ASSERT(c.upstream_tls);
+    ASSERT_STR(c.upstream_ca, "/dev/null");
+    ASSERT(c.upstream_insecure);
+    config_free(&c);
+
+    /* the TLS flags mean nothing for http: said, not ignored */
+    char *plain[] = {"errord", "--upstream", "http://api.example.com", "--upstream-insecure"};
+    ASSERT_EQ(config_parse(&c, ARGC(plain), plain, err, sizeof err), -1);
     config_free(&c);
     ASSERT(strstr(err, "https") != NULL);
+
+    char *missing[] = {"errord", "--upstream", "https://api.example.com", "--upstream-ca",
+                       "/nonexistent/ca.pem"};
+    ASSERT_EQ(config_parse(&c, ARGC(missing), missing, err, sizeof err), -1);
+    config_free(&c);
+    ASSERT(strstr(err, "/nonexistent/ca.pem") != NULL);
 }
 
 /* ---- the value parsers ------------------------------------------------------------------ */
