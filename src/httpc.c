@@ -20,6 +20,8 @@ struct httpc_req_s {
     http_parser_t *parser;
     http_limits_t limits;
     buf_t request;
+    tls_ctx_t *tls; /* https */
+    char host[256];
     char port[8];
     httpc_done_cb done;
     void *arg;
@@ -32,11 +34,10 @@ struct httpc_req_s {
 int httpc_parse_url(const char *url, httpc_url_t *out)
 {
     memset(out, 0, sizeof *out);
-    if (strncasecmp(url, "https://", 8) == 0)
-        return -EPROTONOSUPPORT;
-    if (strncasecmp(url, "http://", 7) != 0)
+    out->tls = strncasecmp(url, "https://", 8) == 0;
+    if (!out->tls && strncasecmp(url, "http://", 7) != 0)
         return -EINVAL;
-    const char *h = url + 7, *end = h + strcspn(h, "/?#");
+    const char *h = url + (out->tls ? 8 : 7), *end = h + strcspn(h, "/?#");
     const char *colon = NULL;
     if (*h == '[') {
         const char *close = memchr(h, ']', (size_t)(end - h));
@@ -52,7 +53,7 @@ int httpc_parse_url(const char *url, httpc_url_t *out)
             return -EINVAL;
         snprintf(out->host, sizeof out->host, "%.*s", (int)(hend - h), h);
     }
-    out->port = 80;
+    out->port = out->tls ? 443 : 80;
     if (colon != NULL) {
         char *e;
         long port = strtol(colon + 1, &e, 10);
@@ -130,6 +131,68 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
     *b = uv_buf_init(buf, sizeof buf);
 }
 
+/* Response bytes (plaintext). Returns -1 once the request finished. */
+static int received(httpc_req_t *r, const char *data, size_t n)
+{
+    while (n > 0) {
+        ssize_t used = http_parser_feed(r->parser, data, n);
+        if (used < 0) {
+            finish(r, 0, "invalid response from the sink");
+            return -1;
+        }
+        data += used;
+        n -= (size_t)used;
+        if (!http_parser_ended(r->parser))
+            break;
+        if (r->status != 0) {
+            finish(r, r->status, NULL);
+            return -1;
+        }
+        http_parser_resume(r->parser); /* an interim response */
+    }
+    return 0;
+}
+
+/* Advances the handshake, then sends the request and reads what OpenSSL
+ * has decrypted. */
+static void tls_step(httpc_req_t *r)
+{
+    if (!r->io.tls_ready) {
+        int rc = tls_handshake(r->io.tls);
+        if (rc < 0) {
+            char why[224];
+            snprintf(why, sizeof why, "TLS handshake failed: %s", tls_error(r->io.tls));
+            finish(r, 0, why);
+            return;
+        }
+        r->io.tls_ready = rc == 1;
+    }
+    if (io_flush(&r->io) < 0) {
+        finish(r, 0, "could not send the request");
+        return;
+    }
+    static _Thread_local char plain[16384];
+    for (;;) {
+        ssize_t n = r->io.tls_ready ? tls_read(r->io.tls, plain, sizeof plain) : 0;
+        if (n == 0)
+            return;
+        if (n < 0) {
+            if (n == TLS_CLOSED && http_parser_finish(r->parser) == 0 && r->status != 0)
+                finish(r, r->status, NULL);
+            else
+                finish(r, 0, "the sink closed the connection before answering");
+            return;
+        }
+        if (received(r, plain, (size_t)n) < 0)
+            return;
+    }
+}
+
+static void on_tls_idle(uv_idle_t *h)
+{
+    tls_step(((io_t *)h->data)->owner);
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     httpc_req_t *r = ((io_t *)s->data)->owner;
@@ -138,28 +201,21 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     if (nread < 0) {
         if (http_parser_finish(r->parser) == 0 && r->status != 0)
             finish(r, r->status, NULL);
+        else if (r->io.tls != NULL && !r->io.tls_ready)
+            finish(r, 0, "TLS handshake failed: the sink closed the connection");
         else
             finish(r, 0, "the sink closed the connection before answering");
         return;
     }
-    const char *data = b->base;
-    size_t n = (size_t)nread;
-    while (n > 0) {
-        ssize_t used = http_parser_feed(r->parser, data, n);
-        if (used < 0) {
-            finish(r, 0, "invalid response from the sink");
-            return;
-        }
-        data += used;
-        n -= (size_t)used;
-        if (!http_parser_ended(r->parser))
-            break;
-        if (r->status != 0) {
-            finish(r, r->status, NULL);
-            return;
-        }
-        http_parser_resume(r->parser); /* an interim response */
+    if (r->io.tls == NULL) {
+        received(r, b->base, (size_t)nread);
+        return;
     }
+    if (tls_feed(r->io.tls, b->base, (size_t)nread) < 0) {
+        finish(r, 0, "out of memory");
+        return;
+    }
+    tls_step(r);
 }
 
 static void on_timeout(uv_timer_t *t)
@@ -177,7 +233,19 @@ static void on_connected(uv_connect_t *req, int status)
         return;
     }
     if (uv_read_start((uv_stream_t *)&r->io.tcp, on_alloc, on_read) < 0 ||
-        io_append(&r->io, r->request.data, r->request.len) < 0 || io_flush(&r->io) < 0)
+        io_append(&r->io, r->request.data, r->request.len) < 0) {
+        finish(r, 0, "could not send the request");
+        return;
+    }
+    if (r->tls != NULL) {
+        /* the request waits in io.out until the handshake is done */
+        if (io_tls_start(&r->io, r->tls, r->host, on_tls_idle) < 0)
+            finish(r, 0, "out of memory");
+        else
+            tls_step(r);
+        return;
+    }
+    if (io_flush(&r->io) < 0)
         finish(r, 0, "could not send the request");
 }
 
@@ -207,13 +275,18 @@ static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res)
         finish(r, 0, uv_strerror(rc));
 }
 
-int httpc_post(uv_loop_t *loop, const httpc_url_t *url, const char *headers, const char *body,
-               size_t len, uint64_t timeout_ms, httpc_done_cb done, void *arg, httpc_req_t **out)
+int httpc_post(uv_loop_t *loop, tls_ctx_t *tls, const httpc_url_t *url, const char *headers,
+               const char *body, size_t len, uint64_t timeout_ms, httpc_done_cb done, void *arg,
+               httpc_req_t **out)
 {
+    if (url->tls && tls == NULL)
+        return -EPROTONOSUPPORT;
     httpc_req_t *r = calloc(1, sizeof *r);
     if (r == NULL)
         return -ENOMEM;
     r->loop = loop;
+    r->tls = url->tls ? tls : NULL;
+    snprintf(r->host, sizeof r->host, "%s", url->host);
     r->done = done;
     r->arg = arg;
     r->limits.max_line = 8192;

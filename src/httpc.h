@@ -5,6 +5,8 @@
 #ifndef ERRORD_HTTPC_H
 #define ERRORD_HTTPC_H
 
+#include "tls.h"
+
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -15,25 +17,26 @@ typedef struct httpc_req_s httpc_req_t;
  * was none (then `error` says why). */
 typedef void (*httpc_done_cb)(void *arg, int status, const char *error);
 
-/* A parsed http:// URL. */
+/* A parsed http:// or https:// URL. */
 typedef struct {
+    int tls;
     char host[256];
     int port;
     char path[1024]; /* with the query */
     char authority[300];
 } httpc_url_t;
 
-/* Parses "http://host[:port][/path]". Returns 0, -EPROTONOSUPPORT for an
- * https URL (no TLS in this build), or -EINVAL. */
+/* Parses "http[s]://host[:port][/path]". Returns 0 or -EINVAL. */
 int httpc_parse_url(const char *url, httpc_url_t *out);
 
 /* POSTs `body` (with Content-Type application/json and the `headers`
- * lines, "Name: value\r\n...", or NULL) to `url`. `done` fires exactly once,
+ * lines, "Name: value\r\n...", or NULL) to `url`, over TLS made from `tls`
+ * for an https URL (-EPROTONOSUPPORT when `tls` is NULL then). `done` fires exactly once,
  * from the loop, unless the request is cancelled. Returns 0 with *out set,
  * or a negative error (then `done` never fires). */
-int httpc_post(uv_loop_t *loop, const httpc_url_t *url, const char *headers, const char *body,
-                size_t len, uint64_t timeout_ms, httpc_done_cb done, void *arg,
-                httpc_req_t **out);
+int httpc_post(uv_loop_t *loop, tls_ctx_t *tls, const httpc_url_t *url, const char *headers,
+               const char *body, size_t len, uint64_t timeout_ms, httpc_done_cb done, void *arg,
+               httpc_req_t **out);
 
 /* Stops a request; its callback will not fire. */
 void httpc_cancel(httpc_req_t *r);

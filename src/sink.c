@@ -57,6 +57,7 @@ struct sinks_s {
     uint64_t repeat_ms;
     char *upstream;
     char *generator_url;
+    tls_ctx_t *tls; /* for https sinks, made with the first */
     int closing;
     uint64_t close_by;
     void (*done)(void *arg);
@@ -177,7 +178,7 @@ static void pump(sink_t *k)
     if (k->tokens < 1)
         return;
     k->tokens -= 1;
-    int rc = httpc_post(k->owner->loop, &k->url, k->cfg.headers, k->head->body.data,
+    int rc = httpc_post(k->owner->loop, k->owner->tls, &k->url, k->cfg.headers, k->head->body.data,
                         k->head->body.len, k->cfg.timeout_ms, on_delivered, k, &k->inflight);
     if (rc < 0) {
         k->inflight = NULL;
@@ -518,10 +519,15 @@ static sink_t *sink_new(sinks_t *s, const policy_sink_t *c)
         snprintf(url + len, sizeof url - len, "/api/v2/alerts");
     }
     int rc = httpc_parse_url(url, &k->url);
-    if (rc == -EPROTONOSUPPORT)
-        k->undeliverable = "https needs TLS, which this build of errord does not have";
-    else if (rc < 0)
-        k->undeliverable = "the URL is not a valid http:// URL";
+    if (rc < 0) {
+        k->undeliverable = "the URL is not a valid http:// or https:// URL";
+    } else if (k->url.tls && k->owner->tls == NULL) {
+        /* the system's CA store (SSL_CERT_FILE and SSL_CERT_DIR apply) */
+        char err[256];
+        k->owner->tls = tls_ctx_new(NULL, 0, err, sizeof err);
+        if (k->owner->tls == NULL)
+            k->undeliverable = "no TLS: the system's CA store could not be loaded";
+    }
     if (k->undeliverable != NULL) {
         log_record_t *r = log_begin(LOG_WARN, "alert sink cannot be delivered to");
         log_str(r, "sink", KIND_NAME[c->kind]);
@@ -735,5 +741,6 @@ void sinks_free(sinks_t *s)
     free(s->sink);
     free(s->upstream);
     free(s->generator_url);
+    tls_ctx_free(s->tls);
     free(s);
 }
