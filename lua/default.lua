@@ -12,6 +12,7 @@
 --              backoff, and an alert once it keeps happening
 --   (retries are for blips, not outages: an endpoint whose retries keep
 --    failing is not retried for a while; see may_retry below)
+--   TLS failed  certificate or handshake: alert, never retried
 --   no answer  connection refused, timeout, reset: retried (errord itself
 --              never repeats a POST or PATCH without an Idempotency-Key)
 --
@@ -103,6 +104,12 @@ p[502] = function(req, res)
 end
 
 p.error = function(req, err)
+  if err.kind == "tls" then
+    -- a certificate or handshake problem: a retry meets the same one
+    alert { name = "UpstreamTLSFailed", severity = "critical",
+            summary = "TLS with the upstream failed: " .. err.message }
+    return pass()
+  end
   return retry { reason = err.kind }
 end
 
@@ -156,6 +163,9 @@ p.tests = {
   { name = "a refused connection is retried",
     err = { kind = "connect", message = "connection refused" },
     expect = { verdict = "retry", reason = "connect" } },
+  { name = "a failed TLS handshake alerts and is not retried",
+    err = { kind = "tls", message = "TLS handshake with the upstream failed: certificate has expired" },
+    expect = { verdict = "pass", alert = "UpstreamTLSFailed" } },
 }
 
 return p
