@@ -28,7 +28,7 @@ static const option_t OPTIONS[] = {
     OPT("listen", "ERRORD_LISTEN", OPT_STR, listen, "127.0.0.1:8080", "ADDR:PORT",
         "where clients connect"),
     OPT("upstream", "ERRORD_UPSTREAM", OPT_STR, upstream, NULL, "URL",
-        "the API errord forwards to, http://HOST[:PORT] (required)"),
+        "the API errord forwards to, http[s]://HOST[:PORT] (required)"),
     OPT("upstream-ca", "ERRORD_UPSTREAM_CA", OPT_STR, upstream_ca, NULL, "FILE",
         "with https: trust the CA certificates in FILE (PEM) instead of the system's"),
     OPT("upstream-insecure", "ERRORD_UPSTREAM_INSECURE", OPT_BOOL, upstream_insecure, "0", NULL,
@@ -441,7 +441,7 @@ void config_free(config_t *c)
 
 void config_usage(FILE *out)
 {
-    fprintf(out, "usage: errord --upstream http://HOST[:PORT] [options]\n"
+    fprintf(out, "usage: errord --upstream http[s]://HOST[:PORT] [options]\n"
                  "       errord check POLICY                  load, validate and test a policy\n"
                  "       errord test POLICY [CASES.json]      run its tests and extra cases\n"
                  "       errord replay POLICY LOG.jsonl [--against OLD_POLICY]\n"
