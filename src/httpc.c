@@ -21,6 +21,8 @@ struct httpc_req_s {
     http_limits_t limits;
     buf_t request;
     tls_ctx_t *tls; /* https */
+    struct sockaddr_storage addrs[8]; /* resolved, tried in order */
+    int n_addrs, next_addr;
     char host[256];
     char port[8];
     httpc_done_cb done;
@@ -223,13 +225,28 @@ static void on_timeout(uv_timer_t *t)
     finish(((io_t *)t->data)->owner, 0, "timed out");
 }
 
+static void on_connected(uv_connect_t *req, int status);
+
+static void connect_next(io_t *io)
+{
+    httpc_req_t *r = io->owner;
+    r->connect.data = r;
+    int rc = uv_tcp_connect(&r->connect, &r->io.tcp,
+                            (const struct sockaddr *)&r->addrs[r->next_addr], on_connected);
+    if (rc < 0)
+        finish(r, 0, uv_strerror(rc));
+}
+
 static void on_connected(uv_connect_t *req, int status)
 {
     httpc_req_t *r = req->data;
     if (status == UV_ECANCELED || r->finished)
         return;
     if (status < 0) {
-        finish(r, 0, uv_strerror(status));
+        if (++r->next_addr < r->n_addrs)
+            io_reset(&r->io, connect_next); /* the name's next address */
+        else
+            finish(r, 0, uv_strerror(status));
         return;
     }
     if (uv_read_start((uv_stream_t *)&r->io.tcp, on_alloc, on_read) < 0 ||
@@ -268,11 +285,15 @@ static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *res)
         finish(r, 0, status < 0 ? uv_strerror(status) : "no address");
         return;
     }
-    r->connect.data = r;
-    int rc = uv_tcp_connect(&r->connect, &r->io.tcp, res->ai_addr, on_connected);
+    for (struct addrinfo *ai = res; ai != NULL && r->n_addrs < 8; ai = ai->ai_next)
+        if (ai->ai_family == AF_INET || ai->ai_family == AF_INET6)
+            memcpy(&r->addrs[r->n_addrs++], ai->ai_addr, ai->ai_addrlen);
     uv_freeaddrinfo(res);
-    if (rc < 0)
-        finish(r, 0, uv_strerror(rc));
+    if (r->n_addrs == 0) {
+        finish(r, 0, "no address");
+        return;
+    }
+    connect_next(&r->io);
 }
 
 int httpc_post(uv_loop_t *loop, tls_ctx_t *tls, const httpc_url_t *url, const char *headers,

@@ -166,13 +166,37 @@ void io_tls_kick(io_t *io)
         uv_idle_start(&io->tls_idle, on_tls_idle);
 }
 
+static void on_tcp_reset(uv_handle_t *h)
+{
+    io_t *io = h->data;
+    io->resetting = 0;
+    if (io->closing) { /* closed meanwhile: this was the TCP handle's close */
+        on_handle_closed(h);
+        return;
+    }
+    uv_tcp_init(io->timer.loop, &io->tcp); /* no socket yet: cannot fail */
+    io->tcp.data = io;
+    io->reset_cb(io);
+}
+
+void io_reset(io_t *io, io_cb then)
+{
+    if (io->closing || io->resetting)
+        return;
+    io->resetting = 1;
+    io->reset_cb = then;
+    uv_close((uv_handle_t *)&io->tcp, on_tcp_reset);
+}
+
 void io_close(io_t *io)
 {
     if (io->closing)
         return;
     io->closing = 1;
-    uv_read_stop((uv_stream_t *)&io->tcp);
-    uv_close((uv_handle_t *)&io->tcp, on_handle_closed);
+    if (!io->resetting) { /* else on_tcp_reset finishes its close */
+        uv_read_stop((uv_stream_t *)&io->tcp);
+        uv_close((uv_handle_t *)&io->tcp, on_handle_closed);
+    }
     uv_close((uv_handle_t *)&io->timer, on_handle_closed);
     if (io->tls != NULL)
         uv_close((uv_handle_t *)&io->tls_idle, on_handle_closed);

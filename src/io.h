@@ -36,7 +36,9 @@ struct io_s {
     buf_t cipher;        /* TLS records not yet handed to the socket */
     uv_idle_t tls_idle;  /* reads plaintext OpenSSL holds, after a pause */
     uv_idle_cb tls_idle_cb;
+    io_cb reset_cb;      /* io_reset(): the new TCP handle is ready */
     unsigned tls_ready : 1;   /* handshake done: plaintext may be sent */
+    unsigned resetting : 1;   /* the TCP handle is being replaced */
     unsigned closing : 1;     /* io_close() was called */
     unsigned close_after : 1; /* close once the output is written */
     unsigned failed : 1;      /* a write failed */
@@ -65,6 +67,11 @@ void io_close(io_t *io);
  * sends for up to `linger_ms` (so it is not reset before it reads the
  * answer), then closes. */
 void io_close_after_flush(io_t *io, uint64_t linger_ms);
+
+/* Replaces the TCP handle with a fresh one (after a failed connect, to try
+ * another address); `then` runs once it is ready, unless io_close() came
+ * first. The timer keeps running. */
+void io_reset(io_t *io, io_cb then);
 
 /* Makes `io` (connected) a TLS client of `host`: from now on output is
  * encrypted at io_flush() (once io->tls_ready is set) and the owner

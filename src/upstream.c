@@ -204,20 +204,32 @@ static void conn_handshake(upconn_t *c)
 
 static void on_tls_pending(uv_idle_t *h);
 
+static void on_reset(io_t *io)
+{
+    start_connect(io->owner);
+}
+
 static void on_connected(uv_connect_t *req, int status)
 {
     upconn_t *c = req->data;
     if (status == UV_ECANCELED || c->io.closing)
         return;
-    if (status < 0 || c->up->tls == NULL)
-        uv_timer_stop(&c->io.timer);
     if (status < 0) {
         upstream_t *u = c->up;
         if (u->n_addrs > 1)
             u->next_addr = (u->next_addr + 1) % u->n_addrs; /* try another next time */
+        if (++c->tried < u->n_addrs) {
+            /* and now, within the same connect timeout: a name with an IPv6
+             * and an IPv4 address may be served on one of them only */
+            io_reset(&c->io, on_reset);
+            return;
+        }
+        uv_timer_stop(&c->io.timer);
         c->on_ready(c, status);
         return;
     }
+    if (c->up->tls == NULL)
+        uv_timer_stop(&c->io.timer);
     uv_tcp_nodelay(&c->io.tcp, 1);
     if (uv_read_start((uv_stream_t *)&c->io.tcp, c->up->owner->alloc, on_conn_read) < 0) {
         c->on_ready(c, UV_EIO);

@@ -36,6 +36,7 @@ struct upconn_s {
     int state;
     int fail_status; /* a connect failure waiting to be reported */
     int paused;      /* reading stopped by the lessee */
+    int tried;       /* addresses tried by this connect */
 };
 
 /* What the owner of a leased connection is told, and how errord reads. */
