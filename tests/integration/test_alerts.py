@@ -700,7 +700,9 @@ def test_rate_per_min_spaces_the_deliveries(upstream, errord, tmp_path):
     assert in_2s <= 8, times
     burst = max(i for i in range(1, len(times) + 1)
                 if times[i - 1] - start < 0.5)  # the first ones, at once
-    tail = times[burst - 1:]
+    # Paced ones only: the burst's own arrivals may trail (0.2 s under
+    # valgrind) while the bucket refills from when it was emptied.
+    tail = times[burst:]
     gaps = [b - a for a, b in zip(tail, tail[1:])]
     assert gaps and all(g >= 1.0 - 0.2 for g in gaps), gaps
     s = sink_state(e, url)
