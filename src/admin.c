@@ -8,7 +8,6 @@
 #include "list.h"
 #include "log.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -294,20 +293,7 @@ admin_t *admin_start(uv_loop_t *loop, const config_t *cfg, int *err)
 
 int admin_address(admin_t *a, char *out, size_t n)
 {
-    struct sockaddr_storage ss;
-    int len = sizeof ss;
-    char ip[INET6_ADDRSTRLEN];
-    int rc = uv_tcp_getsockname(&a->listener, (struct sockaddr *)&ss, &len);
-    if (rc < 0)
-        return rc;
-    if (ss.ss_family == AF_INET6) {
-        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
-        snprintf(out, n, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
-    } else {
-        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
-        snprintf(out, n, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
-    }
-    return 0;
+    return io_listen_addr(&a->listener, out, n);
 }
 
 static void on_listener_closed(uv_handle_t *h)

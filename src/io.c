@@ -1,6 +1,7 @@
 /* io: a TCP connection with gathered, non-blocking output (see io.h). */
 #include "io.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -265,6 +266,24 @@ void io_close_after_flush(io_t *io, uint64_t linger_ms)
     uv_read_stop((uv_stream_t *)&io->tcp);
     if (io_pending(io) == 0)
         begin_linger(io);
+}
+
+int io_listen_addr(uv_tcp_t *listener, char *out, size_t n)
+{
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    char ip[INET6_ADDRSTRLEN];
+    int rc = uv_tcp_getsockname(listener, (struct sockaddr *)&ss, &len);
+    if (rc < 0)
+        return rc;
+    if (ss.ss_family == AF_INET6) {
+        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+        snprintf(out, n, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+    } else {
+        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+        snprintf(out, n, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+    }
+    return 0;
 }
 
 void io_peer_addr(io_t *io, char *out, size_t n)

@@ -83,6 +83,10 @@ int io_tls_start(io_t *io, tls_ctx_t *ctx, const char *host, uv_idle_cb on_idle)
 /* Schedules the owner's on_idle for the next loop turn. */
 void io_tls_kick(io_t *io);
 
+/* The address a listener is bound to, as "127.0.0.1:8080" or "[::1]:8080".
+ * Returns 0 or a libuv error. */
+int io_listen_addr(uv_tcp_t *listener, char *out, size_t n);
+
 /* The peer's address as text ("127.0.0.1"), or "-" when unknown. */
 void io_peer_addr(io_t *io, char *out, size_t n);
 

@@ -1864,20 +1864,7 @@ int proxy_listen(proxy_t *p)
 
 int proxy_address(proxy_t *p, char *out, size_t n)
 {
-    struct sockaddr_storage ss;
-    int len = sizeof ss;
-    char ip[INET6_ADDRSTRLEN];
-    int rc = uv_tcp_getsockname(&p->listener, (struct sockaddr *)&ss, &len);
-    if (rc < 0)
-        return rc;
-    if (ss.ss_family == AF_INET6) {
-        uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
-        snprintf(out, n, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
-    } else {
-        uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
-        snprintf(out, n, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
-    }
-    return 0;
+    return io_listen_addr(&p->listener, out, n);
 }
 
 static void on_proxy_handle_closed(uv_handle_t *h)
