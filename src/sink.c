@@ -222,6 +222,23 @@ static void json_labels(buf_t *b, const alert_info_t *a)
     buf_lit(b, "}");
 }
 
+/* "name": ... "last_seen": ... of an alert, for payloads and /alerts. */
+static void json_alert_fields(buf_t *b, const alert_info_t *a)
+{
+    buf_lit(b, "\"name\":");
+    json_str(b, a->name);
+    buf_lit(b, ",\"severity\":");
+    json_str(b, a->severity);
+    buf_lit(b, ",\"summary\":");
+    json_str(b, a->summary);
+    buf_lit(b, ",\"labels\":");
+    json_labels(b, a);
+    buf_printf(b, ",\"count\":%lld,\"first_seen\":", (long long)a->count);
+    json_time(b, a->first_ms);
+    buf_lit(b, ",\"last_seen\":");
+    json_time(b, a->last_ms);
+}
+
 /* One alert in Alertmanager's API v2 shape. */
 static void am_alert(sinks_t *s, buf_t *b, const alert_info_t *a, int64_t ends_ms)
 {
@@ -279,18 +296,8 @@ static void notice(sinks_t *s, sink_t *k, const alert_info_t *a, int resolved, b
     buf_clear(b);
     switch (k->cfg.kind) {
     case SINK_WEBHOOK:
-        buf_printf(b, "{\"status\":\"%s\",\"name\":", status);
-        json_str(b, a->name);
-        buf_lit(b, ",\"severity\":");
-        json_str(b, a->severity);
-        buf_lit(b, ",\"summary\":");
-        json_str(b, a->summary);
-        buf_lit(b, ",\"labels\":");
-        json_labels(b, a);
-        buf_printf(b, ",\"count\":%lld,\"first_seen\":", (long long)a->count);
-        json_time(b, a->first_ms);
-        buf_lit(b, ",\"last_seen\":");
-        json_time(b, a->last_ms);
+        buf_printf(b, "{\"status\":\"%s\",", status);
+        json_alert_fields(b, a);
         buf_lit(b, ",\"upstream\":");
         json_str(b, s->upstream);
         buf_lit(b, "}");
@@ -665,18 +672,8 @@ void sinks_state_json(sinks_t *s, buf_t *out)
     buf_lit(out, "{\"alerts\":[");
     for (size_t i = 0; i < n; i++) {
         const alert_info_t *a = &alerts[i];
-        buf_puts(out, i ? ",{\"name\":" : "{\"name\":");
-        json_str(out, a->name);
-        buf_lit(out, ",\"severity\":");
-        json_str(out, a->severity);
-        buf_lit(out, ",\"summary\":");
-        json_str(out, a->summary);
-        buf_lit(out, ",\"labels\":");
-        json_labels(out, a);
-        buf_printf(out, ",\"count\":%lld,\"first_seen\":", (long long)a->count);
-        json_time(out, a->first_ms);
-        buf_lit(out, ",\"last_seen\":");
-        json_time(out, a->last_ms);
+        buf_puts(out, i ? ",{" : "{");
+        json_alert_fields(out, a);
         buf_lit(out, ",\"state\":\"firing\"}");
     }
     alert_snapshot_free(alerts, n);
