@@ -120,7 +120,7 @@ struct client_s {
     int reading;
     int eof;
     int timer_mode;
-    uint64_t head_t0; /* first byte of a head not yet complete, or 0 */
+    uint64_t head_ms; /* loop time of a head's first byte while it is incomplete, or 0 */
 };
 
 /* What the client connection's timer is measuring. */
@@ -434,9 +434,9 @@ static void count_txn(txn_t *t)
 static void count_reject(client_t *c, int status)
 {
     metrics_t *m = c->proxy->metrics;
-    uint64_t now = clock_now_ns();
+    uint64_t ms = c->head_ms != 0 ? uv_now(c->io.timer.loop) - c->head_ms : 0;
     metric_add(&m->requests[status > 0 && status < METRICS_STATUS ? status : 0][MV_NONE], 1);
-    metrics_observe(&m->request_seconds, c->head_t0 != 0 ? now - c->head_t0 : 0);
+    metrics_observe(&m->request_seconds, ms * 1000000u);
 }
 
 /* ---- transactions ------------------------------------------------------------- */
@@ -741,7 +741,9 @@ static void txn_arm_deadline(txn_t *t)
         return;
     uint64_t now = clock_now_ns();
     c->timer_mode = CT_DEADLINE;
-    client_timer_from_now(c, t->deadline_ns > now ? (t->deadline_ns - now + 999999) / 1000000 : 0);
+    /* armed on every read of the request: the loop's time will do here */
+    uv_timer_start(&c->io.timer, on_client_timeout,
+                   t->deadline_ns > now ? (t->deadline_ns - now + 999999) / 1000000 : 0, 0);
 }
 
 /* The deadline passed with no answer sent: the attempt in flight is
@@ -1395,7 +1397,7 @@ static int on_req_head(void *ud, http_head_t *head)
     t->client = c;
     t->req = head;
     t->t0 = clock_now_ns();
-    c->head_t0 = 0;
+    c->head_ms = 0;
     t->attempt = 1;
     t->policy = p->policy;
     t->replay_limit = REPLAY_LIMIT;
@@ -1561,8 +1563,8 @@ static void client_feed(client_t *c, const char *data, size_t n)
             client_read_on(c, 0);
         return;
     }
-    if (c->txn == NULL && c->head_t0 == 0 && n > 0)
-        c->head_t0 = clock_now_ns();
+    if (c->txn == NULL && c->head_ms == 0 && n > 0)
+        c->head_ms = uv_now(c->io.timer.loop); /* the loop's time: no clock read per request */
     ssize_t used = http_parser_feed(c->parser, data, n);
     txn_t *t = c->txn;
     if (used < 0) {

@@ -276,8 +276,3 @@ const char *tls_error(const tls_conn_t *c)
 {
     return c->error[0] != '\0' ? c->error : "the peer closed the connection in the handshake";
 }
-
-int tls_resumed(const tls_conn_t *c)
-{
-    return SSL_session_reused(c->ssl);
-}

@@ -57,7 +57,4 @@ ssize_t tls_take_output(tls_conn_t *c, buf_t *out);
  * ...), once tls_handshake() or tls_read() returned -1. */
 const char *tls_error(const tls_conn_t *c);
 
-/* Whether the handshake resumed an earlier session. */
-int tls_resumed(const tls_conn_t *c);
-
 #endif
