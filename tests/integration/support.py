@@ -21,6 +21,19 @@ SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "Undef
                    "Invalid read", "Invalid write", "uninitialised", "definitely lost")
 
 
+def stop_process(proc, timeout):
+    """Terminates a helper server (Alertmanager, Prometheus...), killing it
+    when it has not exited within `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_until(pred, timeout=5.0, interval=0.01):
     """Polls `pred` until it is true; returns its last value."""
     deadline = time.monotonic() + timeout * SLOW

@@ -31,7 +31,7 @@ import urllib.request
 
 import pytest
 
-from support import ERRORD, ROOT, SLOW, Client, closed_port, response, wait_until
+from support import ERRORD, ROOT, SLOW, Client, closed_port, response, stop_process, wait_until
 
 AM_BIN = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
 AM_CONFIG = os.path.join(ROOT, "tests", "alertmanager", "alertmanager.yml")
@@ -224,13 +224,7 @@ class Alertmanager:
         return [a for a in self.alerts(query) if a["labels"].get("alertname") == NAME]
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 @pytest.fixture

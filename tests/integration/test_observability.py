@@ -35,7 +35,7 @@ import urllib.request
 
 import pytest
 
-from support import ERRORD, ROOT, SLOW, Client, closed_port, response, wait_until
+from support import ERRORD, ROOT, SLOW, Client, closed_port, response, stop_process, wait_until
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -912,13 +912,7 @@ class Prometheus:
         return {t["labels"]["job"]: t for t in self.api("/api/v1/targets")["activeTargets"]}
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 @pytest.fixture
