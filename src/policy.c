@@ -297,6 +297,15 @@ static void setting_int(policy_t *p, lua_State *L, int t, const char *where, con
     lua_pop(L, 1);
 }
 
+/* setting_int() for a settings key held as a uint64_t. */
+static void setting_u64(policy_t *p, lua_State *L, int t, const char *name, int64_t min,
+                        int64_t max, uint64_t *field)
+{
+    int64_t v = (int64_t)*field;
+    setting_int(p, L, t, "settings", name, min, max, &v);
+    *field = (uint64_t)v;
+}
+
 static char *copy_string(lua_State *L, const char *s)
 {
     char *c = strdup(s);
@@ -476,22 +485,12 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
     v = (int64_t)s->replay_limit;
     setting_int(p, L, t, "settings", "replay_limit", 0, 1 << 30, &v);
     s->replay_limit = (size_t)v;
-    v = (int64_t)s->deadline_ms;
-    setting_int(p, L, t, "settings", "deadline_ms", 0, 3600000, &v);
-    s->deadline_ms = (uint64_t)v;
-    v = (int64_t)s->try_timeout_ms;
-    setting_int(p, L, t, "settings", "try_timeout_ms", 0, 3600000, &v);
-    s->try_timeout_ms = (uint64_t)v;
-    v = (int64_t)s->retry_after_max_ms;
-    setting_int(p, L, t, "settings", "retry_after_max_ms", 0, 3600000, &v);
-    s->retry_after_max_ms = (uint64_t)v;
+    setting_u64(p, L, t, "deadline_ms", 0, 3600000, &s->deadline_ms);
+    setting_u64(p, L, t, "try_timeout_ms", 0, 3600000, &s->try_timeout_ms);
+    setting_u64(p, L, t, "retry_after_max_ms", 0, 3600000, &s->retry_after_max_ms);
 
-    v = (int64_t)s->resolve_after_ms;
-    setting_int(p, L, t, "settings", "resolve_after_ms", 100, 86400000, &v);
-    s->resolve_after_ms = (uint64_t)v;
-    v = (int64_t)s->repeat_ms;
-    setting_int(p, L, t, "settings", "repeat_ms", 100, 86400000, &v);
-    s->repeat_ms = (uint64_t)v;
+    setting_u64(p, L, t, "resolve_after_ms", 100, 86400000, &s->resolve_after_ms);
+    setting_u64(p, L, t, "repeat_ms", 100, 86400000, &s->repeat_ms);
     if (rawfield(L, t, "alerts") != LUA_TNIL) {
         int was = anchor_at(p, "alerts");
         read_sinks(p, L, lua_gettop(L));
