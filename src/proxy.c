@@ -88,7 +88,6 @@ typedef struct {
     char tls_error[192]; /* the words of a failed TLS handshake */
     uint64_t attempt_t0;
     uint64_t res_bytes;  /* bytes received from the upstream on this attempt */
-    attempt_t attempts[MAX_ATTEMPTS];
     int n_attempts;
     buf_t seen;          /* what handlers saw (attempt_t.seen_off) */
     unsigned req_done : 1;    /* the whole request was read */
@@ -107,6 +106,9 @@ typedef struct {
     unsigned holding : 1;     /* the response waits for the policy's verdict */
     unsigned noted : 1;       /* counted in the retry budget's requests */
     unsigned res_over : 1;    /* ... and its body is larger than body_limit */
+    /* Last, and not zeroed when a transaction starts: attempt_end() clears
+     * each line as it is written. */
+    attempt_t attempts[MAX_ATTEMPTS];
 } txn_t;
 
 struct client_s {
@@ -1389,11 +1391,12 @@ static int on_req_head(void *ud, http_head_t *head)
 {
     client_t *c = ud;
     proxy_t *p = c->proxy;
-    txn_t *t = calloc(1, sizeof *t);
+    txn_t *t = malloc(sizeof *t);
     if (t == NULL) {
         http_head_free(head);
         return -1;
     }
+    memset(t, 0, offsetof(txn_t, attempts));
     t->client = c;
     t->req = head;
     t->t0 = clock_now_ns();
