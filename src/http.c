@@ -1,6 +1,7 @@
 /* http: HTTP/1.1 messages on the wire (see http.h). */
 #include "http.h"
 
+#include "bytes.h"
 #include "clock.h"
 
 #include <llhttp.h>
@@ -158,6 +159,11 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
          * at once, and the byte after them one by one below. */
         if (p->scan == SC_LINE0 && p->line0_known) {
             size_t j = i;
+            for (uint64_t x; j + 8 <= n; j += 8) {
+                x = bytes_load8(data + j);
+                if (bytes_has(x, '\r') | bytes_has(x, '\n'))
+                    break;
+            }
             while (j < n && data[j] != '\r' && data[j] != '\n')
                 j++;
             if (p->line0.len + (j - i) > p->limits->max_line)
@@ -183,6 +189,11 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 break;
         } else if (p->scan == SC_VALUE) {
             size_t j = i;
+            for (uint64_t x; j + 8 <= n; j += 8) {
+                x = bytes_load8(data + j);
+                if (bytes_below(x, 0x20) | bytes_has(x, 0x7f))
+                    break;
+            }
             while (j < n && VALUE_CHAR[(unsigned char)data[j]])
                 j++;
             p->head_bytes += j - i;

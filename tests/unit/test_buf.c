@@ -1,4 +1,5 @@
 #include "buf.h"
+#include "bytes.h"
 #include "test.h"
 
 TEST(buf_append_grows)
@@ -61,4 +62,51 @@ TEST(sha256_known_answers)
     memset(million, 'a', sizeof million);
     sha256_hex(million, sizeof million, hex); /* checked against sha256sum */
     ASSERT_STR(hex, "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3");
+}
+
+/* The word-at-a-time tests agree with byte-by-byte ones: every byte value
+ * at every position of a word of otherwise ordinary (or high) bytes. */
+TEST(bytes_word_tests_match_bytewise)
+{
+    const unsigned char fills[] = {'a', 0x20, 0x7e, 0x80, 0xff};
+    for (size_t f = 0; f < sizeof fills; f++) {
+        for (int pos = 0; pos < 8; pos++) {
+            for (int v = 0; v < 256; v++) {
+                char w[8];
+                memset(w, fills[f], sizeof w);
+                w[pos] = (char)v;
+                int below = 0, above = 0, quote = 0;
+                for (int k = 0; k < 8; k++) {
+                    unsigned char c = (unsigned char)w[k];
+                    below |= c < 0x20;
+                    above |= c > 0x7e;
+                    quote |= c == '"';
+                }
+                uint64_t x = bytes_load8(w);
+                ASSERT_EQ(!!bytes_below(x, 0x20), below);
+                ASSERT_EQ(!!bytes_above(x, 0x7e), above);
+                ASSERT_EQ(!!bytes_has(x, '"'), quote);
+            }
+        }
+    }
+}
+
+/* A byte that must be escaped is found wherever it falls in a long run. */
+TEST(buf_json_escape_finds_specials_at_every_offset)
+{
+    const char specials[] = {'"', '\\', '\n', '\x01', '\x7f'};
+    for (size_t k = 0; k < sizeof specials; k++) {
+        for (size_t at = 0; at < 40; at++) {
+            char s[40];
+            memset(s, 'x', sizeof s);
+            s[at] = specials[k];
+            buf_t b = BUF_INIT;
+            ASSERT_EQ(buf_json_escape(&b, s, sizeof s), 0);
+            size_t esc = specials[k] == '\x01' || specials[k] == '\x7f' ? 6 : 2;
+            ASSERT_EQ(b.len, sizeof s - 1 + esc);
+            ASSERT(memcmp(b.data, s, at) == 0);
+            ASSERT(b.data[at] == '\\');
+            buf_free(&b);
+        }
+    }
 }
