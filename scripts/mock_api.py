@@ -377,6 +377,9 @@ class Handler(BaseHTTPRequestHandler):
 
 class MockServer(ThreadingHTTPServer):
     daemon_threads = True
+    # errord opens upstream connections in bursts; past socketserver's
+    # backlog of 5 the kernel drops them and requests wait for a timeout.
+    request_queue_size = 1024
     block_on_close = False  # else server_close() waits for idle keep-alive clients
 
     def __init__(self, address, quiet):
