@@ -37,11 +37,16 @@ end
 -- Retries are for blips, not outages. When nearly all retries of an
 -- endpoint fail (more than 5, and more than 80% of them, in 10 s), retrying
 -- it only multiplies the load on a struggling service and makes the
--- application wait for an answer that will not change. A retry that
--- succeeds never reaches a handler, so it shows as a retry that did not fail.
+-- application wait for an answer that will not change. A retry's outcome
+-- is known only once it comes back, so until retries are seen to succeed,
+-- at most 10 a second go out for an endpoint: one that starts failing every
+-- request gets a handful of retries, not one per request, before the first
+-- fails. A retry that succeeds never reaches a handler, so it shows as a
+-- retry that did not fail.
 local function may_retry(req)
   local route = req.method .. " " .. req.path:match("^[^?]*")
   local retried = errord.count("retries " .. route, 10, 0)
+  local recent = errord.count("recent retries " .. route, 1, 0)
   -- this response is itself a failed retry when it answers attempt 2 or later
   local failed = errord.count("failed retries " .. route, 10, req.attempt > 1 and 1 or 0)
   if req.attempt >= p.settings.attempts then
@@ -50,7 +55,12 @@ local function may_retry(req)
   if failed > 5 and failed > 0.8 * retried then
     return false
   end
+  local succeeded = math.max(0, retried - recent - failed)
+  if recent >= 10 + succeeded then
+    return false
+  end
   errord.count("retries " .. route, 10)
+  errord.count("recent retries " .. route, 1)
   return true
 end
 
@@ -150,6 +160,15 @@ p.tests = {
   { name = "retries that often succeed go on",
     req = { method = "GET", path = "/v1/items" },
     counts = { ["retries GET /v1/items"] = 20, ["failed retries GET /v1/items"] = 10 },
+    res = { status = 500 }, expect = { verdict = "retry" } },
+  { name = "at most 10 retries a second go out before any is seen to succeed",
+    req = { method = "GET", path = "/v1/items" },
+    counts = { ["retries GET /v1/items"] = 10, ["recent retries GET /v1/items"] = 10 },
+    res = { status = 500 }, expect = { verdict = "pass" } },
+  { name = "retries that succeeded lately let more go out",
+    req = { method = "GET", path = "/v1/items" },
+    counts = { ["retries GET /v1/items"] = 40, ["recent retries GET /v1/items"] = 10,
+               ["failed retries GET /v1/items"] = 2 },
     res = { status = 500 }, expect = { verdict = "retry" } },
   { name = "a few failed retries do not stop retrying",
     req = { method = "GET", path = "/v1/items" },

@@ -1259,3 +1259,25 @@ def test_example_alert_5xx_spike(mock_api, upstream, errord):
     wait_until(lambda: len(alerts(e, "Upstream5xxSpike")) == 2)
     assert [a["count"] for a in alerts(e, "Upstream5xxSpike")] == [1, 2]
     c.close()
+
+
+def test_default_sends_a_handful_of_retries_to_an_endpoint_failing_everything(api):
+    # 40 requests at once to one route that fails every time: before any
+    # retry is seen to succeed, the default policy retries at most 10 a
+    # second there (20 if the burst straddles a second), not all 40.
+    e, relay = api
+    key = uniq()
+
+    def one(i):
+        c = Client(e.port, timeout=15)
+        try:
+            return c.get("/flaky?fail=1000&key=%s-%d" % (key, i)).status
+        finally:
+            c.close()
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        assert list(pool.map(one, range(40))) == [502] * 40
+    e.wait_access(40)
+    sent = [q for q in relay.requests if key in q.target]
+    retries = len(sent) - 40
+    assert 10 <= retries <= 20, retries
