@@ -35,32 +35,39 @@ local function message(res)
 end
 
 -- Retries are for blips, not outages. When nearly all retries of an
--- endpoint fail (more than 5, and more than 80% of them, in 10 s), retrying
--- it only multiplies the load on a struggling service and makes the
--- application wait for an answer that will not change. A retry's outcome
--- is known only once it comes back, so until retries are seen to succeed,
--- at most 10 a second go out for an endpoint: one that starts failing every
--- request gets a handful of retries, not one per request, before the first
--- fails. A retry that succeeds never reaches a handler, so it shows as a
--- retry that did not fail.
+-- endpoint fail (the first retries of 3 requests or more, and over 80% of
+-- them, in 10 s), retrying it only multiplies the load on a struggling
+-- service and makes the application wait for an answer that will not
+-- change. A retry's outcome is known only once it comes back, so until an
+-- endpoint's earlier retries are seen to succeed (one in five at least), no
+-- second sends more than 10 of its retries beyond those of the 9 s before:
+-- one that starts failing every request gets a handful of retries, not one
+-- per request, before the first ones fail. A retry that succeeds never
+-- reaches a handler, so it shows as a retry that did not fail.
 local function may_retry(req)
   local route = req.method .. " " .. req.path:match("^[^?]*")
+  -- The counts are of each request's first retry, and whether it failed:
+  -- this response is one that failed when it answers attempt 2.
+  local again = req.attempt == 2 and 1 or 0
+  local failed = errord.count("failed retries " .. route, 10, again)
+  local failed_now = errord.count("failed retries this second " .. route, 1, again)
   local retried = errord.count("retries " .. route, 10, 0)
-  local recent = errord.count("recent retries " .. route, 1, 0)
-  -- this response is itself a failed retry when it answers attempt 2 or later
-  local failed = errord.count("failed retries " .. route, 10, req.attempt > 1 and 1 or 0)
+  local retried_now = errord.count("retries this second " .. route, 1, 0)
   if req.attempt >= p.settings.attempts then
     return false -- errord would refuse it: not a retry made, so not counted
   end
-  if failed > 5 and failed > 0.8 * retried then
+  if failed >= 3 and failed > 0.8 * retried then
     return false
   end
-  local succeeded = math.max(0, retried - recent - failed)
-  if recent >= 10 + succeeded then
+  -- the retries of the 9 s before this second, whose outcomes are known
+  local known, known_failed = retried - retried_now, failed - failed_now
+  if retried_now >= 10 + known and known_failed >= 0.8 * known then
     return false
   end
-  errord.count("retries " .. route, 10)
-  errord.count("recent retries " .. route, 1)
+  if req.attempt == 1 then
+    errord.count("retries " .. route, 10)
+    errord.count("retries this second " .. route, 1)
+  end
   return true
 end
 
@@ -161,18 +168,27 @@ p.tests = {
     req = { method = "GET", path = "/v1/items" },
     counts = { ["retries GET /v1/items"] = 20, ["failed retries GET /v1/items"] = 10 },
     res = { status = 500 }, expect = { verdict = "retry" } },
-  { name = "at most 10 retries a second go out before any is seen to succeed",
+  { name = "at most 10 retries a second for an endpoint not retried before",
     req = { method = "GET", path = "/v1/items" },
-    counts = { ["retries GET /v1/items"] = 10, ["recent retries GET /v1/items"] = 10 },
+    counts = { ["retries GET /v1/items"] = 10, ["retries this second GET /v1/items"] = 10 },
     res = { status = 500 }, expect = { verdict = "pass" } },
-  { name = "retries that succeeded lately let more go out",
+  { name = "retries that did not fail let more go out",
     req = { method = "GET", path = "/v1/items" },
-    counts = { ["retries GET /v1/items"] = 40, ["recent retries GET /v1/items"] = 10,
-               ["failed retries GET /v1/items"] = 2 },
+    counts = { ["retries GET /v1/items"] = 12, ["retries this second GET /v1/items"] = 11 },
     res = { status = 500 }, expect = { verdict = "retry" } },
-  { name = "a few failed retries do not stop retrying",
+  { name = "a surge is held back while the earlier retries failed",
     req = { method = "GET", path = "/v1/items" },
-    counts = { ["retries GET /v1/items"] = 3, ["failed retries GET /v1/items"] = 3 },
+    counts = { ["retries GET /v1/items"] = 15, ["retries this second GET /v1/items"] = 13,
+               ["failed retries GET /v1/items"] = 3 },
+    res = { status = 500 }, expect = { verdict = "pass" } },
+  { name = "retries in the seconds before let more go out",
+    req = { method = "GET", path = "/v1/items" },
+    counts = { ["retries GET /v1/items"] = 40, ["retries this second GET /v1/items"] = 10,
+               ["failed retries GET /v1/items"] = 20 },
+    res = { status = 500 }, expect = { verdict = "retry" } },
+  { name = "two failed retries do not stop retrying",
+    req = { method = "GET", path = "/v1/items" },
+    counts = { ["retries GET /v1/items"] = 2, ["failed retries GET /v1/items"] = 2 },
     res = { status = 504 }, expect = { verdict = "retry" } },
   { name = "the last attempt is passed on, not retried",
     attempt = 3, res = { status = 500 }, expect = { verdict = "pass" } },

@@ -912,9 +912,10 @@ def test_without_policy_flag_the_default_policy_runs(upstream, errord):
 
 
 def test_the_default_policy_stops_retrying_an_endpoint_that_always_fails(upstream, errord):
-    """Retries are for blips: once more than 5 retries of an endpoint, and
-    over 80% of them, failed in 10 s, its failures are passed on at once
-    instead of each one costing three upstream requests and their backoff."""
+    """Retries are for blips: once the first retries of 3 requests to an
+    endpoint, and over 80% of them, failed in 10 s, its failures are passed
+    on at once instead of each one costing three upstream requests and their
+    backoff."""
     up = upstream(lambda req: response(500, b'{"message":"Something is broken"}'))
     e = errord(up.url, "--policy", DEFAULT_POLICY)
     c = Client(e.port)
@@ -1262,9 +1263,9 @@ def test_example_alert_5xx_spike(mock_api, upstream, errord):
 
 
 def test_default_sends_a_handful_of_retries_to_an_endpoint_failing_everything(api):
-    # 40 requests at once to one route that fails every time: before any
-    # retry is seen to succeed, the default policy retries at most 10 a
-    # second there (20 if the burst straddles a second), not all 40.
+    # 40 requests at once to a route that fails every time and was not
+    # retried before: the default policy retries at most 10 of them in a
+    # second (20 if the burst straddles a second), not all 40.
     e, relay = api
     key = uniq()
 
