@@ -113,7 +113,7 @@ asan:
 fuzz:
 	@mkdir -p build/fuzz
 	clang -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -I$(LLHTTP_INC) -Isrc \
-	    -DLLHTTP_STRICT_MODE=1 tests/fuzz/fuzz_http.c src/http.c src/buf.c $(LLHTTP_SRC)/*.c \
+	    -DLLHTTP_STRICT_MODE=1 tests/fuzz/fuzz_http.c src/http.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
 	    -o build/fuzz/fuzz_http
 
 # The integration tests with errord under valgrind (big transfers shrunk to

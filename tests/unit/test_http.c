@@ -877,3 +877,40 @@ TEST(http_response_interim_before_final)
         rec_free(&r);
     }
 }
+
+/* A byte a field value or the request line may not hold is found wherever
+ * it falls: values and lines are skimmed eight bytes at a time. */
+TEST(http_forbidden_bytes_found_at_every_offset)
+{
+    const char bad[] = {'\r', '\n', '\0', '\x01', '\x7f'};
+    for (size_t k = 0; k < sizeof bad; k++) {
+        for (size_t at = 0; at < 24; at++) {
+            char value[25], line[25], req[256];
+            memset(value, 'v', 24);
+            value[24] = '\0';
+            memcpy(line, value, sizeof value);
+            for (int where = 0; where < 2; where++) {
+                char *s = where == 0 ? value : line;
+                char saved = s[at];
+                s[at] = bad[k];
+                /* built by hand: the bad byte may be a NUL */
+                size_t n = 0;
+                n += (size_t)snprintf(req + n, sizeof req - n, "GET /");
+                memcpy(req + n, line, 24), n += 24;
+                n += (size_t)snprintf(req + n, sizeof req - n, " HTTP/1.1\r\nHost: h\r\nX-V: ");
+                memcpy(req + n, value, 24), n += 24;
+                n += (size_t)snprintf(req + n, sizeof req - n, "\r\n\r\n");
+                s[at] = saved;
+                rec_t r = {0};
+                http_parser_t *p = http_parser_new(HTTP_PARSE_REQUEST, &LIMITS, &REC, &r);
+                ssize_t used = feed(p, req, n, (size_t)-1);
+                int status = used == -1 ? http_parser_error(p)->status : 0;
+                http_parser_free(p);
+                rec_free(&r);
+                if (status != 400)
+                    test_fail(__FILE__, __LINE__, "byte 0x%02x at %zu of the %s: status %d",
+                              (unsigned char)bad[k], at, where ? "target" : "value", status);
+            }
+        }
+    }
+}
