@@ -108,13 +108,20 @@ asan:
 	$(MAKE) BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
 	    LDFLAGS="-fsanitize=address,undefined" test
 
-# A libFuzzer target per parser-facing entry point; run one with
-# build/fuzz/fuzz_http -max_total_time=60 tests/cases/corpus
+# libFuzzer targets (clang, installed by scripts/setup --fuzz): fuzz_http
+# feeds bytes through the request and response parsers, fuzz_policy hands
+# responses to the default policy. Run one from the repository's root, on
+# its seed corpus, e.g.
+#   build/fuzz/fuzz_policy -max_total_time=60 tests/fuzz/corpus/policy
+FUZZ_CFLAGS = -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
+              -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC) -Isrc $(PKG_CFLAGS)
 fuzz:
+	@scripts/setup --fuzz
 	@mkdir -p build/fuzz
-	clang -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -I$(LLHTTP_INC) -Isrc \
-	    -DLLHTTP_STRICT_MODE=1 tests/fuzz/fuzz_http.c src/http.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
+	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_http.c src/http.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
 	    -o build/fuzz/fuzz_http
+	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_policy.c $(LIBSRC) $(LLHTTP_SRC)/*.c $(PKG_LIBS) -lm -lpthread \
+	    -o build/fuzz/fuzz_policy
 
 # The integration tests with errord under valgrind (big transfers shrunk to
 # 64 MiB: memcheck runs them some twenty times slower).
