@@ -1018,12 +1018,15 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
     attempt_t *a = attempt_end(t, 0, kind);
     txn_release_upstream(t, 0);
     if (stale) {
-        /* The upstream had closed it: the request never reached it. */
+        /* The upstream closed it as the request arrived, and nothing came
+         * back: a request that may be repeated goes again, once, on a fresh
+         * connection (like a retry, counted as one). */
         if (a != NULL) {
             a->verdict = "retry";
             snprintf(a->reason, sizeof a->reason, "stale_connection");
         }
         metrics_retry("stale_connection");
+        t->retries++;
         t->stale_retried = 1;
         return txn_attempt(t, 1);
     }

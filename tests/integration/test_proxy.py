@@ -168,8 +168,10 @@ def test_request_on_connection_upstream_just_closed_is_retried(upstream, errord,
     assert rec["path"] == "/two" and rec["status"] == 200 and rec["upstream_status"] == 200
     first, second = rec["attempts"]
     assert not first.get("status") and first.get("error")
-    assert first.get("verdict") == "retry"
+    assert first.get("verdict") == "retry" and first.get("reason") == "stale_connection"
     assert second["status"] == 200
+    # the record's count of retries agrees with its ledger (and the metric)
+    assert rec["retries"] == 1
     c.close()
 
 
