@@ -444,8 +444,9 @@ def test_watch_reloads_on_an_in_place_write_and_on_an_editor_rename(upstream, er
     assert state["sha256"] == sha_b
     assert state["last_reload"]["trigger"] == "watch"
     assert state["last_reload"]["result"] == "reloaded"
-    rec = e.find(msg=RELOADED)
-    assert rec["trigger"] == "watch" and rec["sha256"] == sha_b
+    # the log line may reach stdout a moment after GET /policy shows the swap
+    rec = wait_until(lambda: e.find(msg=RELOADED))
+    assert rec and rec["trigger"] == "watch" and rec["sha256"] == sha_b
     id1 = rid()
     assert decided_by(get(e.port, "/b", id1)) == "B"
     assert access_by_id(e, id1)["policy_sha256"] == sha_b
@@ -466,7 +467,8 @@ def test_watch_reloads_on_an_in_place_write_and_on_an_editor_rename(upstream, er
     assert state["last_reload"]["result"] == "failed"
     assert state["last_reload"]["trigger"] == "watch"
     assert state["last_reload"]["error"].startswith(pol + ":")
-    assert e.find(msg=FAILED)["running_sha256"] == sha_a
+    failed = wait_until(lambda: e.find(msg=FAILED))
+    assert failed and failed["running_sha256"] == sha_a
     assert decided_by(get(e.port, "/a-still")) == "A"
     tmp = str(tmp_path / "policy.lua.new")
     write(tmp, B)
