@@ -44,6 +44,27 @@ def wait_until(pred, timeout=5.0, interval=0.01):
         time.sleep(interval)
 
 
+def run_script(cmd, timeout):
+    """Runs one of the scripts that end with a machine-readable line
+    ("RESULT key=value ..."); returns (exit status, its fields, with numbers
+    as ints, or None when there was no such line, all its output)."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    output = p.stdout + p.stderr
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    assert len(lines) <= 1, output
+    result = None
+    if lines:
+        result = {}
+        for field in lines[0].split()[1:]:
+            key, sep, value = field.partition("=")
+            assert sep and key not in result, "bad RESULT line: %r" % lines[0]
+            try:
+                result[key] = int(value)
+            except ValueError:
+                result[key] = value
+    return p.returncode, result, output
+
+
 # ---- errord ------------------------------------------------------------------
 
 

@@ -9,12 +9,11 @@ and stops both."""
 
 import os
 import resource
-import subprocess
 import sys
 
 import pytest
 
-from support import ERRORD, ROOT, SLOW
+from support import ERRORD, ROOT, SLOW, run_script
 
 SCRIPT = os.path.join(ROOT, "scripts", "conn-memory")
 
@@ -26,22 +25,8 @@ def conn_memory(*args, timeout=60):
     """Runs the script; returns (exit status, its RESULT fields or None, all
     its output)."""
     timeout = int(timeout * SLOW)
-    p = subprocess.run([sys.executable, SCRIPT, "--errord", ERRORD, "--timeout", str(timeout), *args],
-                       capture_output=True, text=True, timeout=timeout + 60)
-    output = p.stdout + p.stderr
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-    assert len(lines) <= 1, output
-    result = None
-    if lines:
-        result = {}
-        for field in lines[0].split()[1:]:
-            key, sep, value = field.partition("=")
-            assert sep and key not in result, "bad RESULT line: %r" % lines[0]
-            try:
-                result[key] = int(value)
-            except ValueError:
-                result[key] = value
-    return p.returncode, result, output
+    return run_script([sys.executable, SCRIPT, "--errord", ERRORD, "--timeout", str(timeout), *args],
+                      timeout + 60)
 
 
 # ---- tests --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from support import ERRORD, ROOT, SLOW
+from support import ERRORD, ROOT, SLOW, run_script
 
 SCRIPT = os.path.join(ROOT, "scripts", "soak")
 
@@ -28,22 +28,7 @@ FAULTS = ("502", "500", "403", "reset", "stall", "slow_body", "refused")
 def soak(*args, timeout):
     """Runs the script; returns (exit status, its RESULT fields or None, all
     its output)."""
-    p = subprocess.run([sys.executable, SCRIPT, "--errord", ERRORD, *args],
-                       capture_output=True, text=True, timeout=timeout)
-    output = p.stdout + p.stderr
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-    assert len(lines) <= 1, output
-    result = None
-    if lines:
-        result = {}
-        for field in lines[0].split()[1:]:
-            key, sep, value = field.partition("=")
-            assert sep and key not in result, "bad RESULT line: %r" % lines[0]
-            try:
-                result[key] = int(value)
-            except ValueError:
-                result[key] = value
-    return p.returncode, result, output
+    return run_script([sys.executable, SCRIPT, "--errord", ERRORD, *args], timeout)
 
 
 def counts(field):
