@@ -65,7 +65,8 @@ void metrics_observe(histogram_t *h, uint64_t ns)
 
 static const char *const ERROR_NAME[ME_N] = {"connect",  "timeout",  "reset",  "protocol",
                                              "deadline", "aborted", "tls"};
-static const char *const POLICY_ERROR_NAME[MP_N] = {"error", "timeout", "memory", "verdict"};
+static const char *const POLICY_ERROR_NAME[MP_N] = {"error", "timeout", "memory", "verdict",
+                                                     "set_aside"};
 static const char *const VERDICT_NAME[MV_N] = {"pass", "retry", "respond", "none"};
 static const char *const RELOAD_NAME[3] = {"reloaded", "unchanged", "failed"};
 
@@ -291,7 +292,7 @@ void metrics_render(buf_t *out, const metrics_control_t *c)
                    budget_refusal_name((refusal_t)w),
                    (unsigned long long)budget_refusals((refusal_t)w));
     metrics_family(out, "errord_policy_errors_total", "counter",
-                   "Policy handler calls that failed (errord passed the response), by how.");
+                   "Policy handler calls that failed, or were not made because the handler was set aside (errord passed the response), by kind.");
     for (int k = 0; k < MP_N; k++)
         buf_printf(out, "errord_policy_errors_total{kind=\"%s\"} %llu\n", POLICY_ERROR_NAME[k],
                    (unsigned long long)SUM(policy_errors[k]));

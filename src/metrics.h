@@ -55,7 +55,7 @@ typedef enum {
 } metrics_error_t;
 
 /* How a policy handler failed. */
-typedef enum { MP_ERROR, MP_TIMEOUT, MP_MEMORY, MP_VERDICT, MP_N } metrics_policy_error_t;
+typedef enum { MP_ERROR, MP_TIMEOUT, MP_MEMORY, MP_VERDICT, MP_SET_ASIDE, MP_N } metrics_policy_error_t;
 
 typedef struct {
     metric_t bucket[METRICS_BUCKETS]; /* not cumulative; summed when rendered */

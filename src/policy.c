@@ -27,6 +27,22 @@
 #define MAX_POLICY_BYTES (4 * 1024 * 1024)
 #define N_STATUS 600
 
+/* A handler that keeps running out of time is set aside: each such call
+ * holds its worker's loop up to the handler's limits, so after
+ * SET_ASIDE_AFTER of them within SET_ASIDE_WINDOW_MS errord stops calling
+ * it for SET_ASIDE_MS (its responses pass, as they would had it failed),
+ * then tries it again. A handler that raises, or asks for more memory than
+ * the cap (refused at once), costs little and is always called. */
+#define SET_ASIDE_AFTER 3
+#define SET_ASIDE_WINDOW_MS 10000
+#define SET_ASIDE_MS 30000
+
+typedef struct {
+    int fails;         /* calls that ran out of time since first_ms */
+    uint64_t first_ms; /* monotonic */
+    uint64_t until_ms; /* set aside until then; 0: not */
+} handler_health_t;
+
 struct policy_s {
     int refs;
     char *path;
@@ -43,6 +59,7 @@ struct policy_s {
     int n_handlers;
     int error_ref;
     int tests_ref;
+    handler_health_t health[N_STATUS + 1]; /* by status; the error handler last */
 };
 
 static const policy_settings_t DEFAULTS = {
@@ -985,12 +1002,41 @@ static void scrub_cb(void *arg, const char *v, size_t n)
     scrub_one(arg, v, n);
 }
 
+/* Counts a handler call that ran out of time; sets the handler aside when
+ * it is the SET_ASIDE_AFTER-th within the window. */
+static void note_timeout(handler_health_t *h, const policy_input_t *in, uint64_t now)
+{
+    if (h->fails == 0 || now - h->first_ms > SET_ASIDE_WINDOW_MS) {
+        h->fails = 0;
+        h->first_ms = now;
+    }
+    if (++h->fails < SET_ASIDE_AFTER)
+        return;
+    h->fails = 0;
+    h->until_ms = now + SET_ASIDE_MS;
+    log_record_t *r = log_begin(LOG_ERROR, "policy handler set aside: its responses pass for a while");
+    if (in->res != NULL)
+        log_int(r, "status", in->res->status);
+    else
+        log_str(r, "error_kind", in->err_kind);
+    log_int(r, "failures", SET_ASIDE_AFTER);
+    log_int(r, "within_ms", SET_ASIDE_WINDOW_MS);
+    log_int(r, "for_ms", SET_ASIDE_MS);
+    log_end(r);
+}
+
 void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
 {
     int ref = in->res != NULL ? p->handler[in->res->status] : p->error_ref;
     out->kind = VERDICT_PASS;
     if (ref == LUA_NOREF)
         return;
+    handler_health_t *h = &p->health[in->res != NULL ? in->res->status : N_STATUS];
+    uint64_t now = clock_now_ms();
+    if (h->until_ms > now) {
+        out->failure = "set_aside";
+        return;
+    }
     char msg[512];
     buf_t trace = BUF_INIT;
     msg[0] = '\0';
@@ -999,6 +1045,8 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
         buf_free(&trace);
         return;
     }
+    if (st == SANDBOX_TIMEOUT)
+        note_timeout(h, in, clock_now_ms());
     /* Fail open: the response goes through as it is. */
     verdict_reset(out);
     out->failure = trace.len == 0 && st == SANDBOX_ERROR ? "verdict" : sandbox_status_name(st);

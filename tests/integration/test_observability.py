@@ -75,7 +75,7 @@ FAMILIES = {
 UPSTREAM_ERROR_KINDS = {"connect", "tls", "timeout", "reset", "protocol", "deadline", "aborted"}
 REFUSALS = {"attempts", "budget", "deadline", "unsafe", "body_too_large", "body_incomplete",
             "retry_after"}
-POLICY_ERROR_KINDS = {"error", "timeout", "memory", "verdict"}
+POLICY_ERROR_KINDS = {"error", "timeout", "memory", "verdict", "set_aside"}
 RELOAD_RESULTS = {"reloaded", "unchanged", "failed"}
 
 
@@ -584,7 +584,7 @@ def test_exact_counts_for_a_scripted_run(upstream, errord, tmp_path, workers):
     refused = m.by("errord_retries_refused_total", "why")
     assert refused == {(w,): (n if w == "attempts" else 0) for w in REFUSALS}, refused
     assert m.by("errord_policy_errors_total", "kind") == {
-        ("error",): n, ("timeout",): 0, ("memory",): 0, ("verdict",): 0}, m.text
+        ("error",): n, ("timeout",): 0, ("memory",): 0, ("verdict",): 0, ("set_aside",): 0}, m.text
     assert all(v == 0 for _, v in m.series("errord_upstream_errors_total")), m.text
     assert m.by("errord_policy_reloads_total", "result") == {
         ("reloaded",): 0, ("unchanged",): 0, ("failed",): 0}

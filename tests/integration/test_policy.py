@@ -834,6 +834,42 @@ end
     c.close()
 
 
+def test_a_handler_that_keeps_running_out_of_time_is_set_aside(upstream, errord, tmp_path):
+    """Each such call holds errord's loop for the handler's limit: after 3
+    within 10 s the handler is set aside (its responses pass at once) while
+    the other handlers go on; a reload brings it back."""
+    up = upstream(lambda req: response(503 if req.target.startswith("/spin") else 502,
+                                       b"upstream " + req.target.encode()))
+    pol = policy(tmp_path, """
+p[503] = function(req, res) while true do end end
+p[502] = function(req, res) return respond { status = 200, body = "handled" } end
+""")
+    e = errord(up.url, "--policy", pol)
+    c = Client(e.port, timeout=15)
+    for i in range(5):
+        r = c.get("/spin/%d" % i)
+        assert (r.status, r.body) == (503, b"upstream /spin/%d" % i)
+    kinds = [ledger(access_for(e, "/spin/%d" % i))[0][4] for i in range(5)]
+    assert kinds == ["timeout"] * 3 + ["set_aside"] * 2, kinds
+    rec = wait_until(lambda: e.find(msg="policy handler set aside: its responses pass for a while"))
+    assert rec and rec["status"] == 503 and rec["failures"] == 3 and rec["for_ms"] == 30000
+    # the other handler is still called
+    r = c.get("/other")
+    assert (r.status, r.body) == (200, b"handled")
+    status, text = e.admin("/metrics")
+    assert status == 200
+    assert 'errord_policy_errors_total{kind="timeout"} 3\n' in text, text
+    assert 'errord_policy_errors_total{kind="set_aside"} 2\n' in text, text
+    # a reload is a new policy: the handler is called again
+    with open(pol, "a") as f:
+        f.write("-- reloaded\n")
+    assert e.admin("/reload", method="POST")[0] == 200
+    r = c.get("/spin/after-reload")
+    assert r.status == 503
+    assert ledger(access_for(e, "/spin/after-reload"))[0][4] == "timeout"
+    c.close()
+
+
 # ---- start-up ---------------------------------------------------------------------------
 
 BAD_POLICIES = {
