@@ -7,9 +7,12 @@ Durations given to errord are stretched by SLOW under sanitizer builds, like
 the harness's own waits."""
 
 import io
+import random
+import re
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -739,3 +742,77 @@ def test_drain_timeout_bounds_shutdown_when_upstream_never_answers(upstream, err
     assert r is None or r.status >= 500, (r.status, r.body)
     c.close()
     assert wait_until(lambda: closed_by_errord, 3) == [True]
+
+
+def test_a_crowd_of_bad_clients_does_not_stop_errord_serving_the_others(upstream, errord):
+    """At once: 300 connections opened and left silent, 40 clients sending
+    random garbage, 40 vanishing halfway through their head and 40 halfway
+    through a 256 KiB response (each with a reset). A well-behaved client
+    meanwhile gets every answer; afterwards errord holds none of their
+    connections and still serves."""
+    big = bytes(range(256)) * 1024
+    up = upstream(lambda req: response(200, big if req.target.startswith("/big") else OK_BODY))
+    e = errord(up.url, "--max-connections", "2000")
+    rng = random.Random(7)
+
+    def reset(s):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+    def connect():
+        return socket.create_connection(("127.0.0.1", e.port), timeout=10 * SLOW)
+
+    def garbage(i):
+        s = connect()
+        try:
+            s.sendall(bytes(rng.randrange(256) for _ in range(300)))
+            deadline = time.monotonic() + 10 * SLOW
+            while time.monotonic() < deadline and s.recv(65536):
+                pass  # errord answers 400 (or closes) and hangs up
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def vanish_mid_head(i):
+        s = connect()
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: t\r\nX-Half: ")
+        time.sleep(0.05)
+        reset(s)
+
+    def vanish_mid_response(i):
+        s = connect()
+        s.sendall(b"GET /big/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+        got = 0
+        while got < 20000:
+            data = s.recv(65536)
+            if not data:
+                break
+            got += len(data)
+        reset(s)
+
+    silent = [connect() for _ in range(300)]
+    bad = [threading.Thread(target=f, args=(i,), daemon=True)
+           for f in (garbage, vanish_mid_head, vanish_mid_response) for i in range(40)]
+    for t in bad:
+        t.start()
+    good = Client(e.port, timeout=10)
+    for i in range(50):
+        r = good.get("/ok?i=%d" % i)
+        assert (r.status, r.body) == (200, OK_BODY), i
+    for t in bad:
+        t.join(30 * SLOW)
+        assert not t.is_alive()
+    for s in silent:
+        s.close()
+    good.close()
+
+    def open_clients():
+        status, text = e.admin("/metrics")
+        assert status == 200
+        return int(re.search(r"^errord_client_connections (\d+)$", text, re.M).group(1))
+
+    # the crowd is gone: errord holds none of its connections (the scrape
+    # itself is on the admin port, not counted)
+    assert wait_until(lambda: open_clients() == 0, timeout=10), open_clients()
+    follow_up_ok(e)
