@@ -1301,7 +1301,9 @@ def test_example_alert_5xx_spike(mock_api, upstream, errord):
 def test_default_sends_a_handful_of_retries_to_an_endpoint_failing_everything(api):
     # 40 requests at once to a route that fails every time and was not
     # retried before: the default policy retries at most 10 of them in a
-    # second (20 if the burst straddles a second), not all 40.
+    # second (20 if the burst straddles a second), not all 40; fewer when
+    # the first retries fail before the burst is over (the breaker opens
+    # once 3 have failed).
     e, relay = api
     key = uniq()
 
@@ -1317,4 +1319,4 @@ def test_default_sends_a_handful_of_retries_to_an_endpoint_failing_everything(ap
     e.wait_access(40)
     sent = [q for q in relay.requests if key in q.target]
     retries = len(sent) - 40
-    assert 10 <= retries <= 20, retries
+    assert 3 <= retries <= 20, retries
