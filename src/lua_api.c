@@ -248,6 +248,37 @@ static int l_json_decode(lua_State *L)
 
 /* errord.count(key, seconds = 60, add = 1): adds `add` (1 or 0) events and
  * returns the events of the last `seconds`. */
+/* errord.count in a policy test: what the case's `counts` preset for the
+ * key (1), plus the events counted since. A preset is a number, the count
+ * of every window, or a table of counts by window in seconds; an event
+ * falls in every window. */
+static int test_count(lua_State *L, lua_Integer seconds, lua_Integer add)
+{
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
+    int counts = lua_gettop(L);
+    lua_pushvalue(L, 1);
+    if (lua_rawget(L, counts) == LUA_TTABLE) {
+        int windows = lua_gettop(L);
+        if (add) {
+            for (lua_pushnil(L); lua_next(L, windows) != 0; lua_pop(L, 1)) {
+                lua_pushvalue(L, -2);
+                lua_pushinteger(L, lua_tointeger(L, -2) + 1);
+                lua_rawset(L, windows); /* an existing field: next() goes on */
+            }
+        }
+        /* [0] holds the events counted since: all a window not preset has */
+        if (lua_rawgeti(L, windows, seconds) == LUA_TNIL)
+            lua_rawgeti(L, windows, 0);
+        return 1;
+    }
+    lua_Integer sum = lua_tointeger(L, -1) + add;
+    lua_pushvalue(L, 1);
+    lua_pushinteger(L, sum);
+    lua_rawset(L, counts);
+    lua_pushinteger(L, sum);
+    return 1;
+}
+
 static int l_count(lua_State *L)
 {
     size_t n;
@@ -258,18 +289,8 @@ static int l_count(lua_State *L)
                   "window must be 1 to 3600 seconds");
     luaL_argcheck(L, add == 0 || add == 1, 3, "add is 1 (count this event) or 0 (only read)");
     lua_api_ctx_t *c = ctx_of(L);
-    if (c->testing && c->replay_now_ms == 0) {
-        lua_rawgetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
-        lua_pushvalue(L, 1);
-        lua_rawget(L, -2);
-        lua_Integer sum = lua_tointeger(L, -1) + add;
-        lua_pop(L, 1);
-        lua_pushvalue(L, 1);
-        lua_pushinteger(L, sum);
-        lua_rawset(L, -3);
-        lua_pushinteger(L, sum);
-        return 1;
-    }
+    if (c->testing && c->replay_now_ms == 0)
+        return test_count(L, seconds, add);
     int64_t now = c->replay_now_ms != 0 ? c->replay_now_ms : clock_wall_ms();
     lua_pushinteger(L, add ? counter_hit(key, n, (int)seconds, now)
                            : counter_peek(key, n, (int)seconds, now));
@@ -954,20 +975,42 @@ void lua_api_end_views(lua_State *L, int req_idx, int res_idx)
         ((lview_t *)lua_touserdata(L, res_idx))->in = NULL;
 }
 
+/* Pushes a copy of the preset table at `idx` ({[seconds] = count}) with
+ * integer keys (a case read from JSON names its windows with strings), and
+ * [0] = 0 for the events test_count() counts. */
+static void push_window_counts(lua_State *L, int idx)
+{
+    lua_newtable(L);
+    lua_pushinteger(L, 0);
+    lua_rawseti(L, -2, 0);
+    for (lua_pushnil(L); lua_next(L, idx) != 0; lua_pop(L, 1)) {
+        int seconds_ok = 0, count_ok = 0;
+        lua_Integer seconds = lua_tointegerx(L, -2, &seconds_ok);
+        lua_Integer count = lua_tointegerx(L, -1, &count_ok);
+        if (seconds_ok && count_ok && seconds > 0) {
+            lua_pushinteger(L, count);
+            lua_rawseti(L, -4, seconds);
+        }
+    }
+}
+
 void lua_api_reset_test_counts(lua_State *L, int idx)
 {
     idx = lua_absindex(L, idx);
     lua_newtable(L);
     if (lua_istable(L, idx)) {
-        lua_pushnil(L);
-        while (lua_next(L, idx) != 0) {
-            if (lua_type(L, -2) == LUA_TSTRING && lua_isinteger(L, -1)) {
-                lua_pushvalue(L, -2);
-                lua_insert(L, -2);
-                lua_rawset(L, -4);
-            } else {
-                lua_pop(L, 1);
-            }
+        for (lua_pushnil(L); lua_next(L, idx) != 0; lua_pop(L, 1)) {
+            if (lua_type(L, -2) != LUA_TSTRING)
+                continue;
+            if (lua_istable(L, -1))
+                push_window_counts(L, lua_gettop(L));
+            else if (lua_isinteger(L, -1))
+                lua_pushvalue(L, -1);
+            else
+                continue;
+            lua_pushvalue(L, -3);
+            lua_insert(L, -2);
+            lua_rawset(L, -5);
         }
     }
     lua_rawsetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);

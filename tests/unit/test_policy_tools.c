@@ -147,6 +147,37 @@ TEST(policy_runs_external_cases_from_json)
     policy_report_free(&rep);
 }
 
+/* A case's `counts` preset a number for every window of errord.count, or
+ * a count per window (from JSON, with the windows as strings); an event
+ * counted falls in every window. */
+static const char WINDOWS_POLICY[] =
+    "return {\n"
+    "  [500] = function(req, res)\n"
+    "    errord.count('k', 10)\n"
+    "    local s = errord.count('k', 1, 0) .. '/' .. errord.count('k', 10, 0) .. '/'\n"
+    "              .. errord.count('k', 60, 0) .. ' ' .. errord.count('n', 1, 0) .. '/'\n"
+    "              .. errord.count('n', 10, 0)\n"
+    "    return retry { reason = 'r' .. s:gsub('[/ ]', '_') }\n"
+    "  end,\n"
+    "}\n";
+
+TEST(policy_case_counts_per_window)
+{
+    policy_report_t rep = POLICY_REPORT_INIT;
+    policy_t *p = load_report("windows.lua", WINDOWS_POLICY, &rep);
+    ASSERT_LOADED(p);
+    static const char cases[] =
+        "[{\"name\":\"windows\",\"res\":{\"status\":500},"
+        "  \"counts\":{\"k\":{\"1\":2,\"10\":5},\"n\":7},"
+        "  \"expect\":{\"reason\":\"r3_6_1_7_7\"}}]";
+    tally_t t = {0};
+    char err[256] = "";
+    ASSERT_EQ(policy_run_cases(p, cases, sizeof cases - 1, tally, &t, err, sizeof err), 0);
+    ASSERT_STR(t.names, "ok:windows");
+    policy_release(p);
+    policy_report_free(&rep);
+}
+
 TEST(policy_try_answers_one_case_and_keeps_its_effects_inside)
 {
     policy_report_t rep = POLICY_REPORT_INIT;
