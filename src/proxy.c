@@ -932,6 +932,13 @@ static void log_refusal(const txn_t *t, const attempt_t *a, const char *why)
 /* The next attempt waits `delay_ms`, holding no upstream connection: the
  * client connection's timer counts it down. A complete response is kept,
  * in case no later attempt gets a real one. */
+/* A retry made: in the access record's count and the metric, by reason. */
+static void txn_count_retry(txn_t *t, const char *reason)
+{
+    t->retries++;
+    metrics_retry(reason);
+}
+
 static void txn_schedule_retry(txn_t *t, attempt_t *a, const verdict_t *v, uint64_t delay_ms)
 {
     if (t->res != NULL && t->res_done && !t->res_over) {
@@ -946,9 +953,8 @@ static void txn_schedule_retry(txn_t *t, attempt_t *a, const verdict_t *v, uint6
     t->res = NULL;
     buf_clear(&t->res_body);
     t->res_done = t->holding = t->res_over = 0;
-    t->retries++;
+    txn_count_retry(t, v->reason);
     t->waited_ms += delay_ms;
-    metrics_retry(v->reason);
     if (a != NULL)
         a->delay_ms = (int64_t)delay_ms;
     if (v->cooldown)
@@ -1025,8 +1031,7 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
             a->verdict = "retry";
             snprintf(a->reason, sizeof a->reason, "stale_connection");
         }
-        metrics_retry("stale_connection");
-        t->retries++;
+        txn_count_retry(t, "stale_connection");
         t->stale_retried = 1;
         return txn_attempt(t, 1);
     }
