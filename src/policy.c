@@ -40,7 +40,7 @@
 typedef struct {
     int fails;         /* calls that ran out of time since first_ms */
     uint64_t first_ms; /* monotonic */
-    uint64_t until_ms; /* set aside until then; 0: not */
+    uint64_t until_ms; /* set aside until then (monotonic); 0: not */
 } handler_health_t;
 
 struct policy_s {
@@ -1032,10 +1032,12 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
     if (ref == LUA_NOREF)
         return;
     handler_health_t *h = &p->health[in->res != NULL ? in->res->status : N_STATUS];
-    uint64_t now = clock_now_ms();
-    if (h->until_ms > now) {
-        out->failure = "set_aside";
-        return;
+    if (h->until_ms != 0) {
+        if (clock_now_ms() < h->until_ms) {
+            out->failure = "set_aside";
+            return;
+        }
+        h->until_ms = 0;
     }
     char msg[512];
     buf_t trace = BUF_INIT;
