@@ -126,7 +126,8 @@ int buf_json_escape(buf_t *b, const char *s, size_t n)
         size_t start = i;
         for (uint64_t x; i + 8 <= n; i += 8) {
             x = bytes_load8(s + i);
-            if (bytes_below(x, 0x20) | bytes_above(x, 0x7e) | bytes_has(x, '"') | bytes_has(x, '\\'))
+            if (bytes_below(x, 0x20) | bytes_above(x, 0x7e) | bytes_has(x, '"') |
+                bytes_has(x, '\\'))
                 break;
         }
         while (i < n && JSON_PLAIN[(unsigned char)s[i]])

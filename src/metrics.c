@@ -292,7 +292,8 @@ void metrics_render(buf_t *out, const metrics_control_t *c)
                    budget_refusal_name((refusal_t)w),
                    (unsigned long long)budget_refusals((refusal_t)w));
     metrics_family(out, "errord_policy_errors_total", "counter",
-                   "Policy handler calls that failed, or were not made because the handler was set aside (errord passed the response), by kind.");
+                   "Policy handler calls that failed, or were skipped as the handler was set "
+                   "aside (errord passed the response), by kind.");
     for (int k = 0; k < MP_N; k++)
         buf_printf(out, "errord_policy_errors_total{kind=\"%s\"} %llu\n", POLICY_ERROR_NAME[k],
                    (unsigned long long)SUM(policy_errors[k]));
