@@ -110,9 +110,11 @@ asan:
 
 # libFuzzer targets (clang, installed by scripts/setup --fuzz): fuzz_http
 # feeds bytes through the request and response parsers, fuzz_policy hands
-# responses to the default policy. Run one from the repository's root, on
-# its seed corpus, e.g.
-#   build/fuzz/fuzz_policy -max_total_time=60 tests/fuzz/corpus/policy
+# responses to the default policy. Run one from the repository's root, with
+# a work directory first (libFuzzer adds what it finds to the first one)
+# and the seeds after it, e.g.
+#   mkdir -p build/fuzz/policy
+#   build/fuzz/fuzz_policy -max_total_time=60 build/fuzz/policy tests/fuzz/corpus/policy
 FUZZ_CFLAGS = -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
               -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC) -Isrc $(PKG_CFLAGS)
 fuzz:
