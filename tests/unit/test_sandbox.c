@@ -741,14 +741,19 @@ static int meta_child(void *arg, char *msg, size_t n)
         return 0; /* refused with a message: fine */
     if (a->run_tests)
         policy_run_tests(p, NULL, NULL, err, sizeof err);
+    verdict_t v = VERDICT_INIT;
+    buf_t lg = BUF_INIT;
+    fx_decide_status(p, 500, "{\"message\": \"x\"}", &v, &lg);
+    verdict_reset(&v);
+    buf_free(&lg);
     policy_release(p);
     return 0;
 }
 
-/* Tables the policy hands errord may carry metamethods; reading them must
- * not crash errord (an error outside a protected call aborts the process)
- * nor hang it (no limit is armed there). Loading and the tests run before
- * every reload, inside the running proxy. */
+/* Tables the policy hands errord may carry metamethods, and so may strings;
+ * reading them must not crash errord (an error outside a protected call
+ * aborts the process) nor hang it (no limit is armed there). Loading and the
+ * tests run before every reload, inside the running proxy. */
 TEST(sandbox_metamethods_on_policy_tables)
 {
     static const struct {
@@ -768,6 +773,24 @@ TEST(sandbox_metamethods_on_policy_tables)
          1},
         {"return { [500] = function() end, tests = { { name = 't', expect = {},\n"
          "  res = setmetatable({ status = 500 }, { __index = function() error('x') end }) } } }",
+         1},
+        /* Every string shares one metatable: a policy can tamper with it,
+         * then hand errord strings where it reads tables, or return one. */
+        {"getmetatable('').__index = function() while true do end end\n"
+         "return { settings = 'x', [500] = function() return 'x' end }",
+         0},
+        {"local mt = getmetatable('')\n"
+         "mt.__index = function() error('boom') end\n"
+         "mt.__len = function() while true do end end\n"
+         "mt.__concat = function() while true do end end\n"
+         "mt.__eq = function() while true do end end\n"
+         "return { [500] = function() return respond { status = 'x', body = 'y' } end,\n"
+         "  tests = { 'x', { name = 't', res = 'x', expect = 'y' },\n"
+         "    { name = 'u', res = { status = 500, body = 'x' }, expect = { verdict = 'x' } } } }",
+         1},
+        {"getmetatable('').__index = function() while true do end end\n"
+         "return { [500] = function() return pass() end, tests = {\n"
+         "  { name = 't', res = { status = 500, headers = { a = 'b' } }, expect = 'pass' } } }",
          1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
