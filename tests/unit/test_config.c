@@ -74,6 +74,12 @@ TEST(config_defaults)
     ASSERT_EQ(c.listen_addr.ss_family, AF_INET);
     ASSERT_STR(ip_of(&c.listen_addr, ip, sizeof ip), "127.0.0.1");
     ASSERT_EQ(port_of(&c.listen_addr), 8080);
+    /* The admin port answers on loopback only, and has no token unless given one. */
+    ASSERT_EQ(c.admin_enabled, 1);
+    ASSERT_EQ(c.admin_addr.ss_family, AF_INET);
+    ASSERT_STR(ip_of(&c.admin_addr, ip, sizeof ip), "127.0.0.1");
+    ASSERT_EQ(port_of(&c.admin_addr), 9901);
+    ASSERT(c.admin_token == NULL);
     ASSERT_EQ(c.workers, 1);
     ASSERT_EQ(c.log_level, LOG_INFO);
     ASSERT_STR(c.log_level_name, "info");
