@@ -12,6 +12,7 @@
 #include "budget.h"
 #include "buf.h"
 #include "clock.h"
+#include "frame.h"
 #include "http.h"
 #include "io.h"
 #include "list.h"
@@ -201,29 +202,6 @@ static uint64_t next_random(proxy_t *p)
     s1 ^= s1 << 23;
     p->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
     return p->rng[1] + s0;
-}
-
-static void put_content_length(buf_t *b, int64_t n)
-{
-    buf_lit(b, "Content-Length: ");
-    buf_put_u64(b, (uint64_t)n);
-    buf_lit(b, "\r\n");
-}
-
-/* Writes "<hex size>\r\n" for a chunk of `n` bytes; returns its length. */
-static size_t chunk_size_line(char out[24], size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    char tmp[16];
-    int i = sizeof tmp;
-    do {
-        tmp[--i] = hex[n & 15];
-        n >>= 4;
-    } while (n != 0);
-    size_t len = sizeof tmp - (size_t)i;
-    memcpy(out, tmp + i, len);
-    memcpy(out + len, "\r\n", 2);
-    return len + 2;
 }
 
 /* ---- errord's own answers (SPEC §4) ------------------------------------------ */
@@ -526,74 +504,27 @@ static const char *request_id(txn_t *t, proxy_t *p)
     return t->id;
 }
 
-static int header_skipped_upstream(const http_header_t *f)
-{
-    if (f->flags & HTTP_HDR_HOP)
-        return 1;
-    switch (f->name_len) {
-    case 4: return strncasecmp(f->name, "host", 4) == 0;
-    case 12: return strncasecmp(f->name, "x-request-id", 12) == 0;
-    case 15: return strncasecmp(f->name, "x-forwarded-for", 15) == 0;
-    case 17: return strncasecmp(f->name, "x-forwarded-proto", 17) == 0;
-    default: return 0;
-    }
-}
-
-/* The request head as the upstream gets it: hop-by-hop fields dropped, Host
- * set to the upstream's authority, X-Forwarded-*, X-Request-Id and Via
- * added, and the framing errord itself uses. */
+/* The request head as the upstream gets it (frame_request_head), with Host
+ * set to the upstream's authority unless --preserve-host keeps the client's. */
 static void build_request_head(txn_t *t, proxy_t *p)
 {
     const http_head_t *r = t->req;
     const config_t *cfg = p->cfg;
-    buf_t *b = &t->head;
-
-    buf_append(b, r->method_name, strlen(r->method_name));
-    buf_lit(b, " ");
-    buf_append(b, r->target, r->target_len);
-    buf_lit(b, " HTTP/1.1\r\nHost: ");
+    frame_request_t o = {
+        .host = cfg->upstream_authority,
+        .host_len = strlen(cfg->upstream_authority),
+        .client_addr = t->client->addr,
+        .request_id = t->id,
+    };
+    const http_header_t *host;
     if (cfg->preserve_host && r->authority != NULL) {
-        buf_append(b, r->authority, r->authority_len);
-    } else if (cfg->preserve_host && http_head_find(r, "host") != NULL) {
-        const http_header_t *h = http_head_find(r, "host");
-        buf_append(b, h->value, h->value_len);
-    } else {
-        buf_puts(b, cfg->upstream_authority);
+        o.host = r->authority;
+        o.host_len = r->authority_len;
+    } else if (cfg->preserve_host && (host = http_head_find(r, "host")) != NULL) {
+        o.host = host->value;
+        o.host_len = host->value_len;
     }
-    buf_lit(b, "\r\n");
-
-    int xff = 0;
-    for (size_t i = 0; i < r->n_headers; i++) {
-        const http_header_t *f = &r->headers[i];
-        if (!(f->flags & HTTP_HDR_HOP) && f->name_len == 15 &&
-            strncasecmp(f->name, "x-forwarded-for", 15) == 0) {
-            buf_puts(b, xff++ ? ", " : "X-Forwarded-For: ");
-            buf_append(b, f->value, f->value_len);
-            continue;
-        }
-        if (header_skipped_upstream(f))
-            continue;
-        buf_append(b, f->name, f->name_len);
-        buf_lit(b, ": ");
-        buf_append(b, f->value, f->value_len);
-        buf_lit(b, "\r\n");
-    }
-    buf_puts(b, xff ? ", " : "X-Forwarded-For: ");
-    buf_puts(b, t->client->addr);
-    buf_lit(b, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
-    buf_puts(b, t->id);
-    buf_lit(b, "\r\nVia: 1.1 errord\r\n");
-    if (r->flags & HTTP_F_CHUNKED) {
-        buf_lit(b, "Transfer-Encoding: ");
-        if (r->codings != NULL) {
-            buf_append(b, r->codings, r->codings_len);
-            buf_lit(b, ", ");
-        }
-        buf_lit(b, "chunked\r\n");
-    } else if (r->content_length >= 0) {
-        put_content_length(b, r->content_length);
-    }
-    buf_lit(b, "\r\n");
+    frame_request_head(&t->head, r, &o);
 }
 
 /* Whether the request may be sent again without changing its effect: an
@@ -821,7 +752,7 @@ static void txn_pump(txn_t *t)
     if (n > 0) {
         if (t->req->flags & HTTP_F_CHUNKED) {
             char line[24];
-            io_append(io, line, chunk_size_line(line, n));
+            io_append(io, line, frame_chunk_size_line(line, n));
             io_append(io, t->body.data + t->body_fwd, n);
             io_append(io, "\r\n", 2);
         } else {
@@ -835,7 +766,7 @@ static void txn_pump(txn_t *t)
     }
     if (t->req_done) {
         if (t->req->flags & HTTP_F_CHUNKED)
-            io_append(io, "0\r\n\r\n", 5);
+            io_append(io, FRAME_LAST_CHUNK, FRAME_LAST_CHUNK_LEN);
         t->end_sent = 1;
         if (t->res == NULL)
             up_timer(t, try_timeout(t));
@@ -1072,68 +1003,24 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
 static void txn_commit(txn_t *t)
 {
     client_t *c = t->client;
-    const http_head_t *res = t->res;
     buf_t b = BUF_INIT;
-    int has_date = 0;
 
     t->committed = 1;
-    t->status = res->status;
+    t->status = t->res->status;
     if (c->timer_mode == CT_DEADLINE)
         client_timer(c, CT_NONE); /* the answer has begun: no deadline cuts it */
-    buf_lit(&b, "HTTP/1.1 ");
-    buf_put_u64(&b, (uint64_t)res->status);
-    buf_lit(&b, " ");
-    if (res->reason_len > 0)
-        buf_append(&b, res->reason, res->reason_len);
-    else
-        buf_puts(&b, http_reason(res->status));
-    buf_lit(&b, "\r\n");
-    for (size_t i = 0; i < res->n_headers; i++) {
-        const http_header_t *f = &res->headers[i];
-        if (f->flags & HTTP_HDR_HOP)
-            continue;
-        if (f->name_len == 12 && strncasecmp(f->name, "x-request-id", 12) == 0)
-            continue;
-        if (f->name_len == 4 && strncasecmp(f->name, "date", 4) == 0)
-            has_date = 1;
-        buf_append(&b, f->name, f->name_len);
-        buf_lit(&b, ": ");
-        buf_append(&b, f->value, f->value_len);
-        buf_lit(&b, "\r\n");
+    frame_response_t o = {
+        .date = http_date(c->proxy),
+        .request_id = t->id,
+        .client_version = t->req->version,
+        .keep_alive = client_wants_more(t),
+    };
+    switch (frame_response_head(&b, t->res, &o)) {
+    case FRAME_BODY_CHUNKED: t->chunk_out = 1; break;
+    case FRAME_BODY_TO_CLOSE: t->close_out = 1; break;
+    case FRAME_BODY_AS_IS: break;
     }
-    if (!has_date) {
-        buf_lit(&b, "Date: ");
-        buf_puts(&b, http_date(c->proxy));
-        buf_lit(&b, "\r\n");
-    }
-    buf_lit(&b, "X-Request-Id: ");
-    buf_puts(&b, t->id);
-    buf_lit(&b, "\r\nVia: 1.1 errord\r\n");
-
-    t->keep_alive = client_wants_more(t);
-    if (res->flags & HTTP_F_NO_BODY) {
-        /* HEAD and 304 keep the length of the representation they describe. */
-        if (res->content_length >= 0 && res->status != 204)
-            put_content_length(&b, res->content_length);
-    } else if (res->content_length >= 0) {
-        put_content_length(&b, res->content_length);
-    } else if (t->req->version == 11) {
-        t->chunk_out = 1;
-        buf_lit(&b, "Transfer-Encoding: ");
-        if (res->codings != NULL) {
-            buf_append(&b, res->codings, res->codings_len);
-            buf_lit(&b, ", ");
-        }
-        buf_lit(&b, "chunked\r\n");
-    } else {
-        t->close_out = 1; /* HTTP/1.0 has no chunked: the close ends the body */
-        t->keep_alive = 0;
-    }
-    if (!t->keep_alive)
-        buf_lit(&b, "Connection: close\r\n");
-    else if (t->req->version == 10)
-        buf_lit(&b, "Connection: keep-alive\r\n");
-    buf_lit(&b, "\r\n");
+    t->keep_alive = o.keep_alive;
     io_append(&c->io, b.data, b.len);
     buf_free(&b);
 }
@@ -1152,7 +1039,7 @@ static int response_reusable(const txn_t *t, int extra_bytes)
 static void txn_response_done(txn_t *t, int extra_bytes)
 {
     if (t->chunk_out)
-        io_append(&t->client->io, "0\r\n\r\n", 5);
+        io_append(&t->client->io, FRAME_LAST_CHUNK, FRAME_LAST_CHUNK_LEN);
     int reusable = response_reusable(t, extra_bytes);
     attempt_end(t, t->res->status, NULL); /* unless the policy's verdict closed it */
     txn_release_upstream(t, reusable);
@@ -1165,7 +1052,7 @@ static void txn_send_body(txn_t *t, const char *at, size_t n)
     io_t *out = &t->client->io;
     if (t->chunk_out) {
         char line[24];
-        io_append(out, line, chunk_size_line(line, n));
+        io_append(out, line, frame_chunk_size_line(line, n));
         io_append(out, at, n);
         io_append(out, "\r\n", 2);
     } else {
@@ -1191,7 +1078,7 @@ static int txn_respond(txn_t *t, const verdict_t *v)
     buf_lit(&b, "\r\n");
     buf_append(&b, v->headers.data, v->headers.len);
     if (!no_body)
-        put_content_length(&b, (int64_t)v->body.len);
+        frame_content_length(&b, (int64_t)v->body.len);
     buf_lit(&b, "Date: ");
     buf_puts(&b, http_date(c->proxy));
     buf_lit(&b, "\r\nX-Request-Id: ");

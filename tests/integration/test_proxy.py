@@ -587,11 +587,18 @@ def test_x_forwarded_for_and_proto(upstream, errord):
     c.get("/b", headers=[("X-Forwarded-For", "203.0.113.7")])
     c.get("/c", headers=[("X-Forwarded-For", "203.0.113.7, 198.51.100.2")])
     c.get("/d", headers=[("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "10.0.0.1")])
-    a, b, cc, d = up.requests
+    # Fields after and between X-Forwarded-For fields arrive whole.
+    c.get("/e", headers=[("X-Forwarded-For", "203.0.113.7"), ("X-After", "kept"),
+                         ("X-Forwarded-For", "10.0.0.1"), ("Accept", "*/*")])
+    c.get("/f", headers=[("X-Forwarded-For", ""), ("X-After", "kept")])
+    a, b, cc, d, e, f = up.requests
     assert a.header("x-forwarded-for") == "127.0.0.1"
     assert b.header("x-forwarded-for") == "203.0.113.7, 127.0.0.1"
     assert cc.header("x-forwarded-for") == "203.0.113.7, 198.51.100.2, 127.0.0.1"
     assert d.header("x-forwarded-for") == "203.0.113.7, 10.0.0.1, 127.0.0.1"
+    assert values(e, "x-forwarded-for") == ["203.0.113.7, 10.0.0.1, 127.0.0.1"]
+    assert values(e, "x-after") == ["kept"] and values(e, "accept") == ["*/*"]
+    assert values(f, "x-forwarded-for") == ["127.0.0.1"] and values(f, "x-after") == ["kept"]
     for req in up.requests:
         assert values(req, "x-forwarded-proto") == ["http"]
     c.close()
