@@ -6,6 +6,7 @@
 #   make asan       the whole test suite against an ASan + UBSan build
 #   make valgrind   the integration tests with errord under valgrind
 #   make fuzz       build the libFuzzer targets (clang)
+#   make replay     the fuzz targets over their corpora (part of make unit)
 #   make bench      errord against HAProxy and nginx (../shared/bench)
 #   make install    PREFIX=/usr/local DESTDIR=
 #   make clean
@@ -56,7 +57,7 @@ TOBJS   = $(TESTS:tests/unit/%.c=$(BUILD)/unit/%.o)
 # `make V=1` shows the commands.
 Q = $(if $(V),,@)
 
-.PHONY: FORCE all setup run test unit integration asan valgrind fuzz bench install clean
+.PHONY: FORCE all setup run test unit replay integration asan valgrind fuzz bench install clean
 
 all: errord
 
@@ -95,8 +96,28 @@ $(BUILD)/unit-tests: $(TOBJS) $(LIBOBJS) $(LLOBJS)
 	@echo "  LD      $@"
 	$(Q)$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
 
-unit: $(BUILD)/unit-tests
+unit: $(BUILD)/unit-tests replay
 	$(BUILD)/unit-tests
+
+# The fuzz targets, built without libFuzzer, over their seeds and every
+# input that once found a bug (tests/fuzz/corpus).
+REPLAYS = $(BUILD)/replay/fuzz_http $(BUILD)/replay/fuzz_policy
+
+$(BUILD)/replay/%.o: tests/fuzz/%.c $(wildcard src/*.h) $(BUILD)/.flags
+	@mkdir -p $(@D)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(CFLAGS_ALL) -Isrc -c -o $@ $<
+
+$(BUILD)/replay/fuzz_%: $(BUILD)/replay/fuzz_%.o $(BUILD)/replay/replay.o $(LIBOBJS) $(LLOBJS)
+	@echo "  LD      $@"
+	$(Q)$(CC) $(CFLAGS_ALL) -o $@ $^ $(LIBS) $(LDFLAGS)
+
+.PRECIOUS: $(BUILD)/replay/%.o
+
+# (The policy's log records go to stdout: only the outcome is of interest.)
+replay: $(REPLAYS)
+	$(BUILD)/replay/fuzz_http tests/fuzz/corpus/http/* >/dev/null
+	$(BUILD)/replay/fuzz_policy tests/fuzz/corpus/policy/* >/dev/null
 
 integration: $(BUILD)/errord
 	ERRORD_BIN=$(abspath $(BUILD)/errord) $(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
@@ -109,8 +130,8 @@ asan:
 	    LDFLAGS="-fsanitize=address,undefined" test
 
 # libFuzzer targets (clang, installed by scripts/setup --fuzz): fuzz_http
-# feeds bytes through the request and response parsers, fuzz_policy hands
-# responses to the default policy. Run one from the repository's root, with
+# feeds bytes through the request and response parsers and forwards what
+# they accept, fuzz_policy hands responses to the default policy. Run one from the repository's root, with
 # a work directory first (libFuzzer adds what it finds to the first one)
 # and the seeds after it, e.g.
 #   mkdir -p build/fuzz/policy
@@ -120,7 +141,7 @@ FUZZ_CFLAGS = -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined 
 fuzz:
 	@scripts/setup --fuzz
 	@mkdir -p build/fuzz
-	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_http.c src/http.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
+	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_http.c src/frame.c src/http.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
 	    -o build/fuzz/fuzz_http
 	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_policy.c $(LIBSRC) $(LLHTTP_SRC)/*.c $(PKG_LIBS) -lm -lpthread \
 	    -o build/fuzz/fuzz_policy
