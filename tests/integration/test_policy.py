@@ -870,6 +870,62 @@ p[502] = function(req, res) return respond { status = 200, body = "handled" } en
     c.close()
 
 
+def test_broken_handlers_under_concurrent_load_fail_open_and_are_counted(
+        upstream, errord, tmp_path):
+    """Six clients at once, each cycling through a status whose handler
+    raises on every call, one that allocates without end, one that loops
+    forever, and a status with no handler: every request gets the
+    upstream's own response, each failure is counted by kind, and the
+    looping handler is set aside after its third timeout."""
+    statuses = {"/err": 500, "/mem": 503, "/loop": 504, "/ok": 200}
+    up = upstream(lambda req: response(statuses[req.target.split("?")[0]],
+                                       b"upstream " + req.target.encode()))
+    pol = policy(tmp_path, """
+p.settings = { limits = { memory_mb = 16 } }
+p[500] = function(req, res) error("broken on every call") end
+p[503] = function(req, res)
+  local t = {}
+  for i = 1, math.huge do t[i] = string.rep("x", 65536) .. i end
+end
+p[504] = function(req, res) while true do end end
+""")
+    e = errord(up.url, "--policy", pol)
+    clients, rounds = 6, 5
+    sent = {path: 0 for path in statuses}
+    lock = threading.Lock()
+
+    def client(n):
+        c = Client(e.port, timeout=30 * SLOW)
+        got = []
+        for i in range(rounds):
+            for path in statuses:
+                target = "%s?c=%d&i=%d" % (path, n, i)
+                r = c.get(target)
+                got.append((r.status, r.body) == (statuses[path], b"upstream " + target.encode()))
+                with lock:
+                    sent[path] += 1
+        c.close()
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client, range(clients), timeout=120 * SLOW))
+    assert all(all(got) for got in results), results
+    assert sent == {path: clients * rounds for path in statuses}
+
+    status, text = e.admin("/metrics")
+    assert status == 200
+    counted = {k: int(float(v)) for k, v in
+               re.findall(r'^errord_policy_errors_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
+    assert counted.get("error") == clients * rounds, counted
+    assert counted.get("memory") == clients * rounds, counted
+    assert counted.get("timeout") == 3, counted
+    assert counted.get("set_aside") == clients * rounds - 3, counted
+    assert wait_until(lambda: len(e.all(type="access")) == clients * rounds * len(statuses), 5)
+    follow = Client(e.port)
+    assert follow.get("/ok?after").status == 200
+    follow.close()
+
+
 # ---- start-up ---------------------------------------------------------------------------
 
 BAD_POLICIES = {
