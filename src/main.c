@@ -17,6 +17,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "notify.h"
 #include "policy.h"
 #include "proxy.h"
 #include "sink.h"
@@ -155,6 +156,7 @@ static void on_signal(uv_signal_t *s, int signum)
         return;
     }
     control.draining = 1;
+    notify("STOPPING=1");
     log_record_t *r = log_begin(LOG_INFO, "stopping: draining in-flight requests");
     log_str(r, "signal", strsignal(signum));
     log_int(r, "drain_timeout_ms", (int64_t)control.cfg.drain_timeout);
@@ -324,7 +326,7 @@ static void json_lines(buf_t *b, const buf_t *errors)
 
 /* Reloads the policy file. Returns 0 when the new policy runs (or the file
  * has not changed), -1 when the old one stays; `errors` says why. */
-static int reload(const char *trigger, buf_t *errors)
+static int reload_file(const char *trigger, buf_t *errors)
 {
     reload_state_t *st = &control.reload;
     uint64_t t0 = clock_now_ns();
@@ -405,6 +407,15 @@ static int reload(const char *trigger, buf_t *errors)
     log_ms(r, "took_ms", clock_now_ns() - t0);
     log_end(r);
     return 0;
+}
+
+/* A reload, as the service manager sees it (systemctl reload waits for it). */
+static int reload(const char *trigger, buf_t *errors)
+{
+    notify("RELOADING=1");
+    int rc = reload_file(trigger, errors);
+    notify("READY=1");
+    return rc;
 }
 
 static void on_sighup(uv_signal_t *s, int signum)
@@ -904,6 +915,10 @@ int main(int argc, char **argv)
     log_int(r, "workers", control.cfg.workers);
     log_int(r, "pid", getpid());
     log_end(r);
+    int told = notify("READY=1");
+    if (told < 0)
+        log_msgf(LOG_WARN, "could not tell the service manager errord is ready (%s): %s",
+                 getenv("NOTIFY_SOCKET"), uv_strerror(told));
 
     log_set_buffered(1); /* the first worker's loop flushes the log */
     uv_run(control.loop, UV_RUN_DEFAULT);
