@@ -38,7 +38,7 @@ static const option_t OPTIONS[] = {
     OPT("admin", "ERRORD_ADMIN", OPT_STR, admin, "127.0.0.1:9901", "ADDR:PORT",
         "the admin port (/healthz, /alerts...); off: none"),
     OPT("admin-token", "ERRORD_ADMIN_TOKEN", OPT_STR, admin_token, NULL, "TOKEN",
-        "require Authorization: Bearer TOKEN on the admin port (but /healthz); prefer the env"),
+        "require Authorization: Bearer TOKEN on the admin port (but the probes); prefer the env"),
     OPT("watch", "ERRORD_WATCH", OPT_BOOL, watch, "0", NULL,
         "reload the policy when its file changes (SIGHUP and POST /reload always do)"),
     OPT("workers", "ERRORD_WORKERS", OPT_COUNT, workers, "1", "N",

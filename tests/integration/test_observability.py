@@ -5,7 +5,7 @@ secret header value could leak to.
 
 - Admin routes: /healthz, /readyz (503 while draining), /metrics, /policy,
   POST /reload, /alerts; 405 with Allow, 404, the admin port never proxies.
-- --admin-token / ERRORD_ADMIN_TOKEN: Bearer auth on every route but /healthz.
+- --admin-token / ERRORD_ADMIN_TOKEN: Bearer auth on every route but the probes (/healthz, /readyz).
 - /metrics: every family with its type, `promtool check metrics` after mixed
   traffic (one and two workers), exact counts for a scripted run, bounded
   retry-reason cardinality, reload counters and the policy's sha256, gauges.
@@ -364,12 +364,12 @@ def test_readyz_is_503_while_draining_then_errord_exits(upstream, errord):
 # ---- the admin token ---------------------------------------------------------------------
 
 TOKEN = "s3cret-Admin.token_42"
-GUARDED = [("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/policy"), ("POST", "/reload"),
+GUARDED = [("GET", "/metrics"), ("GET", "/policy"), ("POST", "/reload"),
            ("GET", "/alerts")]
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
-def test_admin_token_guards_every_route_but_healthz(upstream, errord, tmp_path, how):
+def test_admin_token_guards_every_route_but_the_probes(upstream, errord, tmp_path, how):
     pol = write_policy(tmp_path, "", FAST)
     if how == "flag":
         e = errord(upstream().url, "--policy", pol, "--admin-token", TOKEN)
@@ -378,6 +378,8 @@ def test_admin_token_guards_every_route_but_healthz(upstream, errord, tmp_path, 
     port = e.admin_port
     status, _, body = admin_req(port, "/healthz")
     assert (status, json.loads(body)) == (200, {"status": "ok"})
+    status, _, body = admin_req(port, "/readyz")
+    assert (status, json.loads(body)) == (200, {"status": "ready"})
     wrong = [None, "Bearer wrong", "Bearer " + TOKEN[:-1], "Bearer " + TOKEN + "x",
              "Bearer " + TOKEN[1:], "Basic " + TOKEN, TOKEN, "Bearer", "Bearer ",
              "Bearer  " + TOKEN, "Bearer " + TOKEN.upper()]
