@@ -16,6 +16,8 @@ PREFIX     ?= /usr/local
 DESTDIR    ?=
 BINDIR      = $(PREFIX)/bin
 DATADIR     = $(PREFIX)/share/errord
+MANDIR      = $(PREFIX)/share/man
+UNITDIR     = $(PREFIX)/lib/systemd/system
 CC         ?= cc
 PYTHON     ?= /usr/bin/python3
 LLHTTP_SRC ?= /usr/share/llhttp
@@ -25,8 +27,11 @@ PKGS        = libuv lua5.4 libcjson libssl libcrypto
 # Every target but clean needs the Debian packages: scripts/setup installs
 # what is missing before make looks at a single file (make caches directory
 # listings, so files that appeared later would not be seen).
-ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),all)),)
-ifneq ($(shell scripts/setup 1>&2; echo $$?),0)
+# Building and installing need only the build packages.
+SETUP_GOALS := $(filter-out clean,$(or $(MAKECMDGOALS),all))
+SETUP_ARGS  := $(if $(filter-out all errord install,$(SETUP_GOALS)),,--build)
+ifneq ($(SETUP_GOALS),)
+ifneq ($(shell scripts/setup $(SETUP_ARGS) 1>&2; echo $$?),0)
 $(error scripts/setup could not install the packages errord needs)
 endif
 endif
@@ -160,11 +165,20 @@ bench: errord
 	@scripts/setup --bench
 	@scripts/bench
 
-install: errord
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/examples
-	install -m 755 errord $(DESTDIR)$(BINDIR)/errord
+# The binary, the default policy and the examples, luacheck's settings for
+# policies, the man page, and the systemd unit (its ExecStart names the
+# installed binary) with a sample of the settings it reads.
+install: $(BUILD)/errord
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/examples $(DESTDIR)$(MANDIR)/man8 \
+	    $(DESTDIR)$(UNITDIR)
+	install -m 755 $(BUILD)/errord $(DESTDIR)$(BINDIR)/errord
 	install -m 644 lua/default.lua $(DESTDIR)$(DATADIR)/default.lua
 	install -m 644 lua/examples/*.lua $(DESTDIR)$(DATADIR)/examples/
+	install -m 644 deploy/errord.env $(DESTDIR)$(DATADIR)/errord.env
+	install -m 644 .luacheckrc $(DESTDIR)$(DATADIR)/luacheckrc
+	install -m 644 docs/errord.8 $(DESTDIR)$(MANDIR)/man8/errord.8
+	sed 's|@BINDIR@|$(BINDIR)|g' deploy/errord.service > $(DESTDIR)$(UNITDIR)/errord.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/errord.service
 
 clean:
 	rm -rf build errord

@@ -199,7 +199,8 @@ p.tests = {
     err = { kind = "connect", message = "connection refused" },
     expect = { verdict = "retry", reason = "connect" } },
   { name = "a failed TLS handshake alerts and is not retried",
-    err = { kind = "tls", message = "TLS handshake with the upstream failed: certificate has expired" },
+    err = { kind = "tls",
+            message = "TLS handshake with the upstream failed: certificate has expired" },
     expect = { verdict = "pass", alert = "UpstreamTLSFailed" } },
 }
 
