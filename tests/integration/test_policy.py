@@ -884,8 +884,8 @@ def test_broken_handlers_under_concurrent_load_fail_open_and_are_counted(
 p.settings = { limits = { memory_mb = 16 } }
 p[500] = function(req, res) error("broken on every call") end
 p[503] = function(req, res)
-  local t = {}
-  for i = 1, math.huge do t[i] = string.rep("x", 65536) .. i end
+  local mib, t = string.rep("x", 1024):rep(1024), {}
+  for i = 1, math.huge do t[i] = mib .. i end
 end
 p[504] = function(req, res) while true do end end
 """)
