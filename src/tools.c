@@ -326,7 +326,11 @@ static int replay_log(policy_t *p, const char *log, replay_t *r)
         const cJSON *attempts = cJSON_GetObjectItemCaseSensitive(rec, "attempts");
         const char *type = str_of(rec, "type");
         if (type == NULL || strcmp(type, "access") != 0 || !cJSON_IsArray(attempts)) {
-            r->skipped += len > 1;
+            /* errord's other records (its own messages, a policy's log and
+             * alert records) share the access log's stdout */
+            int own = (type == NULL || strcmp(type, "access") != 0) &&
+                      str_of(rec, "time") != NULL && str_of(rec, "level") != NULL;
+            r->skipped += len > 1 && !own;
             cJSON_Delete(rec);
             continue;
         }
