@@ -2,6 +2,7 @@
 #
 #   make            build ./errord
 #   make run        run errord in front of the bundled mock of the reference API
+#                   (ARGS="--policy my-policy.lua" adds errord flags)
 #   make test       unit and integration tests
 #   make asan       the whole test suite against an ASan + UBSan build
 #   make valgrind   the integration tests with errord under valgrind
@@ -159,7 +160,7 @@ valgrind: $(BUILD)/errord
 	    ERRORD_TEST_CHUNKED_BYTES=67108864 $(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
 
 run: errord
-	@scripts/run
+	@scripts/run $(ARGS)
 
 bench: errord
 	@scripts/setup --bench

@@ -132,6 +132,20 @@ def test_the_unit_runs_errord_unprivileged_and_hardened(installed):
     assert level and float(level.group(1)) < 2.0, r.stdout  # systemd calls it "OK"
 
 
+def test_the_unit_reads_the_environment_file_errord_ships(installed):
+    """The README copies deploy/errord.env to /etc/errord/errord.env: the
+    unit reads it from there, and every variable in it, set or commented
+    out, is one errord reads."""
+    unit = (installed / "lib" / "systemd" / "system" / "errord.service").read_text()
+    assert "EnvironmentFile=-/etc/errord/errord.env" in unit.splitlines()
+    helptext = subprocess.run([ERRORD, "--help"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True).stdout
+    known = set(re.findall(r"ERRORD_[A-Z_]+", helptext))
+    shipped = (installed / "share" / "errord" / "errord.env").read_text()
+    named = re.findall(r"^#?(ERRORD_[A-Z_]+)=", shipped, re.M)
+    assert "ERRORD_UPSTREAM" in named and set(named) <= known, set(named) - known
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
 def test_errord_needs_no_privileges(upstream):
     """As the service's dynamic user would: no capabilities, no groups, a uid
