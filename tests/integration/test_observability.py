@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import threading

@@ -24,9 +24,7 @@ import socket
 import subprocess
 import time
 
-import pytest
-
-from support import ROOT, SLOW, wait_until
+from support import ROOT, SLOW, closed_port as free_port, wait_until
 
 README = os.path.join(ROOT, "README.md")
 
@@ -41,14 +39,6 @@ COVERED_ELSEWHERE = {
 }
 
 LINKED = ["Makefile", "src", "lua", "scripts", "docs", "deploy", "tests", ".luacheckrc", "build"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def blocks():
