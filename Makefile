@@ -153,11 +153,13 @@ fuzz:
 	    -o build/fuzz/fuzz_policy
 
 # The integration tests with errord under valgrind (big transfers shrunk to
-# 64 MiB: memcheck runs them some twenty times slower).
+# 64 MiB: memcheck runs them some twenty times slower). VALGRIND_TESTS picks
+# test files, PYTEST_ARGS passes pytest options (-k ...).
+VALGRIND_TESTS ?= tests/integration
 valgrind: $(BUILD)/errord
 	@command -v valgrind >/dev/null || scripts/setup --valgrind
 	ERRORD_BIN=$(abspath tests/valgrind-errord) ERRORD_TEST_BIG_BYTES=67108864 \
-	    ERRORD_TEST_CHUNKED_BYTES=67108864 $(PYTHON) -m pytest -q tests/integration $(PYTEST_ARGS)
+	    ERRORD_TEST_CHUNKED_BYTES=67108864 $(PYTHON) -m pytest -q $(VALGRIND_TESTS) $(PYTEST_ARGS)
 
 run: errord
 	@scripts/run $(ARGS)

@@ -6,14 +6,22 @@
  * response head through errord's own parser (a head it would refuse never
  * reaches a policy), and the head and body go to the status's handler.
  * Whatever they hold, the handler must give a well-formed verdict or fail
- * open, and Retry-After must parse to a delay or to none. */
+ * open, Retry-After must parse to a delay or to none, and every record the
+ * handler had errord write (its log{} and alert{} records, a failure's
+ * message) must be one JSON object on one line of valid UTF-8, whatever
+ * bytes the response held. Records go to stdout, which is a memory file
+ * here, read back after each input. */
 #include "http.h"
 #include "policy.h"
+
+#include <cJSON.h>
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 static policy_t *policy;
 static http_head_t *req;
@@ -67,6 +75,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
+    int fd = memfd_create("fuzz_policy-stdout", 0);
+    if (fd < 0 || dup2(fd, STDOUT_FILENO) < 0)
+        abort();
+    close(fd);
     const char *path = getenv("ERRORD_FUZZ_POLICY");
     char err[512];
     policy = policy_load(path ? path : "lua/default.lua", err, sizeof err);
@@ -92,6 +104,53 @@ static void check(const verdict_t *v)
         abort();
     if (v->failure != NULL && v->kind != VERDICT_PASS)
         abort(); /* a failed handler fails open */
+}
+
+/* Whether `s` is well-formed UTF-8 (RFC 3629: no overlong forms, no
+ * surrogates, nothing past U+10FFFF). */
+static int utf8_valid(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = s[i];
+        size_t len = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3
+                   : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        if (len == 0 || i + len > n)
+            return 0;
+        for (size_t k = 1; k < len; k++)
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+        if ((c == 0xE0 && s[i + 1] < 0xA0) || (c == 0xED && s[i + 1] > 0x9F) ||
+            (c == 0xF0 && s[i + 1] < 0x90) || (c == 0xF4 && s[i + 1] > 0x8F))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+/* Reads back what was written to stdout since the last input: whole lines,
+ * each a JSON object in valid UTF-8. */
+static void check_records(void)
+{
+    off_t len = lseek(STDOUT_FILENO, 0, SEEK_CUR);
+    if (len <= 0)
+        return;
+    char *text = malloc((size_t)len);
+    if (text == NULL || pread(STDOUT_FILENO, text, (size_t)len, 0) != len)
+        abort();
+    for (char *line = text, *stop = text + len; line < stop;) {
+        char *nl = memchr(line, '\n', (size_t)(stop - line));
+        if (nl == NULL || !utf8_valid((unsigned char *)line, (size_t)(nl - line)))
+            abort();
+        cJSON *rec = cJSON_ParseWithLength(line, (size_t)(nl - line));
+        if (!cJSON_IsObject(rec))
+            abort();
+        cJSON_Delete(rec);
+        line = nl + 1;
+    }
+    free(text);
+    if (ftruncate(STDOUT_FILENO, 0) < 0 || lseek(STDOUT_FILENO, 0, SEEK_SET) < 0)
+        abort();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -134,6 +193,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         policy_decide(policy, &in, &v);
         check(&v);
         verdict_reset(&v);
+        check_records();
     }
     http_head_free(res);
     return 0;
