@@ -110,6 +110,14 @@ static size_t utf8_sequence(const char *s, size_t n)
     return len;
 }
 
+size_t buf_text_span(const char *s, size_t n)
+{
+    size_t i = 0, seq;
+    while (i < n && s[i] != 0 && (seq = utf8_sequence(s + i, n - i)) > 0)
+        i += seq;
+    return i;
+}
+
 /* Bytes buf_json_escape() copies as they are: printable ASCII but '"' and '\\'. */
 static const unsigned char JSON_PLAIN[256] = {
     [0x20 ... 0x21] = 1, [0x23 ... 0x5b] = 1, [0x5d ... 0x7e] = 1, /* skip '"' and '\\' */

@@ -51,6 +51,10 @@ int buf_put_ms(buf_t *b, uint64_t ns);
 /* Appends `s` as the inside of a JSON string (quotes not included). */
 int buf_json_escape(buf_t *b, const char *s, size_t n);
 
+/* The length of the longest prefix of `s` that is well-formed UTF-8 without
+ * a NUL byte: text that a C string and a JSON string both carry as it is. */
+size_t buf_text_span(const char *s, size_t n);
+
 /* The contents as a C string: a NUL is kept after the bytes (not counted
  * in len). "" when empty, or when there is no memory for the NUL. */
 const char *buf_cstr(buf_t *b);

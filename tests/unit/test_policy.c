@@ -1493,6 +1493,23 @@ TEST(policy_json_encode_decode_round_trip)
         "  check(not pcall(J.decode), 'decode needs a string')\n");
 }
 
+/* JSON text is UTF-8 (RFC 8259 8.1): what errord encodes for a policy
+ * (errord.json.encode, respond{json}, log{} fields) stays valid whatever
+ * bytes a string holds, a body's say. */
+TEST(policy_json_encode_writes_only_utf8)
+{
+    ASSERT_LUA_CHECKS(
+        "  local R = '\\u{FFFD}'\n"
+        "  check(J.encode('a\\xffb') == '\"a' .. R .. 'b\"', 'a stray byte: ' .. J.encode('a\\xffb'))\n"
+        "  check(J.encode('a\\0b') == '\"a' .. R .. 'b\"', 'a NUL is not an end: ' .. J.encode('a\\0b'))\n"
+        "  check(J.encode('\\xed\\xa0\\x80') == '\"' .. R:rep(3) .. '\"', 'a surrogate is no character')\n"
+        "  check(J.encode('\\xc0\\xaf') == '\"' .. R:rep(2) .. '\"', 'nor an overlong form')\n"
+        "  check(J.encode({ ['k\\xff'] = 'v' }) == '{\"k' .. R .. '\":\"v\"}', 'keys too')\n"
+        "  check(J.encode({ 'x\\x80', { y = '\\xfe' } }) == '[\"x' .. R .. '\",{\"y\":\"' .. R .. '\"}]',\n"
+        "        'inside arrays and objects')\n"
+        "  check(J.encode('caf\\u{e9} \\u{1F600}') == '\"caf\\u{e9} \\u{1F600}\"', 'UTF-8 is kept')\n");
+}
+
 TEST(policy_json_encode_errors_raise)
 {
     ASSERT_LUA_CHECKS(
