@@ -112,6 +112,23 @@ def matches(expected, actual):
     return re.fullmatch(pattern, "".join(normalize(a) + "\n" for a in actual)) is not None
 
 
+def errord_in_session(sid):
+    """The pids of the processes named errord in session `sid` (what
+    `pgrep -s SID -x errord` says, without procps)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if comm == "errord" and int(fields[3]) == sid:
+            pids.append(entry)
+    return pids
+
+
 class Reader:
     """The scratch directory, the server running, and the ports."""
 
@@ -153,8 +170,7 @@ class Reader:
                 return self.server.poll() is not None
         assert wait_until(up, 120), "%s did not start" % cmd
         assert self.server.poll() is None, "%s exited:\n%s" % (cmd, self.log())
-        pid = subprocess.run(["pgrep", "-s", str(self.server.pid), "-x", "errord"],
-                             stdout=subprocess.PIPE, text=True).stdout.split()
+        pid = errord_in_session(self.server.pid)
         assert len(pid) == 1, pid
         with open(os.path.join(self.dir, "errord.pid"), "w") as f:
             f.write(pid[0])
