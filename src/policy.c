@@ -27,18 +27,19 @@
 #define MAX_POLICY_BYTES (4 * 1024 * 1024)
 #define N_STATUS 600
 
-/* A handler that keeps running out of time is set aside: each such call
- * holds its worker's loop up to the handler's limits, so after
+/* A handler that keeps running out of time or memory is set aside: each
+ * such call holds its worker's loop up to the handler's time limit (filling
+ * tens of MiB of fresh memory takes about that long), so after
  * SET_ASIDE_AFTER of them within SET_ASIDE_WINDOW_MS errord stops calling
  * it for SET_ASIDE_MS (its responses pass, as they would had it failed),
- * then tries it again. A handler that raises, or asks for more memory than
- * the cap (refused at once), costs little and is always called. */
+ * then tries it again. A handler that raises costs little and is always
+ * called. */
 #define SET_ASIDE_AFTER 3
 #define SET_ASIDE_WINDOW_MS 10000
 #define SET_ASIDE_MS 30000
 
 typedef struct {
-    int fails;         /* calls that ran out of time since first_ms */
+    int fails;         /* calls that ran out of time or memory since first_ms */
     uint64_t first_ms; /* monotonic */
     uint64_t until_ms; /* set aside until then (monotonic); 0: not */
 } handler_health_t;
@@ -1002,9 +1003,9 @@ static void scrub_cb(void *arg, const char *v, size_t n)
     scrub_one(arg, v, n);
 }
 
-/* Counts a handler call that ran out of time; sets the handler aside when
- * it is the SET_ASIDE_AFTER-th within the window. */
-static void note_timeout(handler_health_t *h, const policy_input_t *in, uint64_t now)
+/* Counts a handler call that ran out of time or memory; sets the handler
+ * aside when it is the SET_ASIDE_AFTER-th within the window. */
+static void note_exhausted(handler_health_t *h, const policy_input_t *in, uint64_t now)
 {
     if (h->fails == 0 || now - h->first_ms > SET_ASIDE_WINDOW_MS) {
         h->fails = 0;
@@ -1047,8 +1048,8 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
         buf_free(&trace);
         return;
     }
-    if (st == SANDBOX_TIMEOUT)
-        note_timeout(h, in, clock_now_ms());
+    if (st == SANDBOX_TIMEOUT || st == SANDBOX_MEMORY)
+        note_exhausted(h, in, clock_now_ms());
     /* Fail open: the response goes through as it is. */
     verdict_reset(out);
     out->failure = trace.len == 0 && st == SANDBOX_ERROR ? "verdict" : sandbox_status_name(st);

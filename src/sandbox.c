@@ -13,6 +13,10 @@
 
 /* The count hook runs every this many VM instructions. */
 #define HOOK_EVERY 1000
+/* ... and the allocator looks at the clock after this many bytes: a few
+ * instructions that each build a large string can take longer than a
+ * thousand ordinary ones. */
+#define CLOCK_EVERY_BYTES (256 * 1024)
 /* Past the memory cap an allocation still succeeds, up to a quarter of the
  * cap (at least 1 MiB) more; at the next instruction the collector runs, and
  * if that does not bring the state back under the cap the call stops there,
@@ -29,6 +33,7 @@ struct sandbox_s {
     const char *why; /* the limit that stopped the call */
     int in_call;
     int gc_wanted; /* over the cap: collect at the next instruction */
+    size_t grown; /* bytes allocated since the allocator last read the clock */
     void *ctx;
 };
 
@@ -55,8 +60,18 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         }
     }
     void *p = realloc(ptr, nsize);
-    if (p != NULL)
-        s->used = s->used - old + nsize;
+    if (p == NULL)
+        return NULL;
+    s->used = s->used - old + nsize;
+    if (nsize > old && s->in_call && (s->grown += nsize - old) >= CLOCK_EVERY_BYTES) {
+        s->grown = 0;
+        if (s->tripped == SANDBOX_OK && clock_now_ns() > s->deadline_ns) {
+            /* The allocator cannot raise; the hook does, at the next instruction. */
+            s->tripped = SANDBOX_TIMEOUT;
+            s->why = "time limit reached";
+            lua_sethook(s->L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+        }
+    }
     return p;
 }
 
@@ -159,6 +174,7 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
         lua_gc(L, LUA_GCCOLLECT); /* room first: old garbage is not this call's */
     s->tripped = SANDBOX_OK;
     s->gc_wanted = 0;
+    s->grown = 0;
     s->budget = s->limits.instructions;
     s->deadline_ns = clock_now_ns() + s->limits.time_ms * 1000000u;
     s->in_call = 1;

@@ -876,7 +876,9 @@ def test_broken_handlers_under_concurrent_load_fail_open_and_are_counted(
     raises on every call, one that allocates without end, one that loops
     forever, and a status with no handler: every request gets the
     upstream's own response, each failure is counted by kind, and the
-    looping handler is set aside after its third timeout."""
+    looping and the allocating handlers are each set aside after their
+    third failure (the allocating one runs out of memory, or, on a slow
+    machine, out of time first)."""
     statuses = {"/err": 500, "/mem": 503, "/loop": 504, "/ok": 200}
     up = upstream(lambda req: response(statuses[req.target.split("?")[0]],
                                        b"upstream " + req.target.encode()))
@@ -917,9 +919,9 @@ p[504] = function(req, res) while true do end end
     counted = {k: int(float(v)) for k, v in
                re.findall(r'^errord_policy_errors_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
     assert counted.get("error") == clients * rounds, counted
-    assert counted.get("memory") == clients * rounds, counted
-    assert counted.get("timeout") == 3, counted
-    assert counted.get("set_aside") == clients * rounds - 3, counted
+    assert counted.get("memory", 0) + counted.get("timeout", 0) == 2 * 3, counted
+    assert counted.get("timeout", 0) >= 3, counted
+    assert counted.get("set_aside") == 2 * (clients * rounds - 3), counted
     assert wait_until(lambda: len(e.all(type="access")) == clients * rounds * len(statuses), 5)
     follow = Client(e.port)
     assert follow.get("/ok?after").status == 200
