@@ -768,8 +768,8 @@ def test_an_earlier_real_response_wins_over_a_later_failure(
 FAILING = {
     "error": ('error("policy blew up")  -- FAIL HERE', "error", True),
     "loop": ("while true do end  -- FAIL HERE", "timeout", True),
-    "memory": ('local t = {} for i = 1, 100000 do t[i] = string.rep("x", 1 << 20) .. i end'
-               "  -- FAIL HERE", "memory", True),
+    "memory": ('local mib, t = string.rep("x", 1024):rep(1024), {} '
+               "for i = 1, 100000 do t[i] = mib .. i end  -- FAIL HERE", "memory", True),
     "pcall-loop": ("pcall(function() while true do end end)  -- FAIL HERE", "timeout", False),
 }
 
@@ -781,7 +781,7 @@ def test_a_failing_handler_fails_open(upstream, errord, tmp_path, what):
                                        b"upstream body for " + req.target.encode(),
                                        [("X-Upstream", "yes")]))
     pol = policy(tmp_path, """
-p.settings = { limits = { memory_mb = 16 }, backoff = { base_ms = 1, max_ms = 5 } }
+p.settings = { limits = { memory_mb = 16, time_ms = 5000 }, backoff = { base_ms = 1, max_ms = 5 } }
 p[503] = function(req, res)
   %s
   return respond { status = 200, body = "the handler should not get here" }

@@ -1749,7 +1749,7 @@ TEST(policy_settings_unknown_keys_warn)
 
 TEST(policy_settings_memory_already_over_the_cap)
 {
-    policy_t *p = fx_load("local big = string.rep('x', 6 * 1024 * 1024)\n"
+    policy_t *p = fx_load("local big = string.rep('x', 1024):rep(6 * 1024)\n"
                           "return { settings = { limits = { memory_mb = 4 } },\n"
                           "         [500] = function() return #big end }\n");
     ASSERT(p == NULL);

@@ -155,8 +155,10 @@ out:
 
 /* ---- memory ------------------------------------------------------------------------------------- */
 
+/* (The clock out of the way: under sanitizers string.rep is slow enough
+ * for the time limit to stop these first.) */
 static const char *const MEMORY_POLICY =
-    "local p = { settings = { limits = { memory_mb = 8 } } }\n"
+    "local p = { settings = { limits = { memory_mb = 8, time_ms = 10000 } } }\n"
     "p[500] = function() local s = string.rep('x', 1 << 30); return respond { status = 200, body = s } end\n"
     "p[501] = function() local s = 'x'; while true do s = s .. s end end\n"
     "p[502] = function() local s = string.rep('x', 1 << 29, ','); return #s end\n"
@@ -263,7 +265,7 @@ TEST(sandbox_memory_bomb_at_load)
  * other, again and again. */
 TEST(sandbox_garbage_of_earlier_calls_is_not_held_against_later_ones)
 {
-    policy_t *p = fx_load("local p = { settings = { limits = { memory_mb = 8 } } }\n"
+    policy_t *p = fx_load("local p = { settings = { limits = { memory_mb = 8, time_ms = 10000 } } }\n"
                           "p[500] = function()\n"
                           "  local t = {}\n"
                           "  for i = 1, 5 do t[i] = string.rep(string.char(64 + i), 1 << 20) end\n"
