@@ -31,17 +31,22 @@
  * such call holds its worker's loop up to the handler's time limit (filling
  * tens of MiB of fresh memory takes about that long), so after
  * SET_ASIDE_AFTER of them within SET_ASIDE_WINDOW_MS errord stops calling
- * it for SET_ASIDE_MS (its responses pass, as they would had it failed),
- * then tries it again. A handler that raises costs little and is always
- * called. */
+ * it for settings.limits.set_aside_s (its responses pass, as they would had
+ * it failed), then tries it again. Back from a set-aside it is on
+ * probation for SET_ASIDE_WINDOW_MS: one such failure sets it aside again,
+ * for twice as long as the time before, up to SET_ASIDE_MAX_MS, so a
+ * handler that is simply broken costs one call every few minutes. A handler
+ * that raises costs little and is always called. */
 #define SET_ASIDE_AFTER 3
 #define SET_ASIDE_WINDOW_MS 10000
-#define SET_ASIDE_MS 30000
+#define SET_ASIDE_MAX_MS 600000
 
 typedef struct {
-    int fails;         /* calls that ran out of time or memory since first_ms */
-    uint64_t first_ms; /* monotonic */
-    uint64_t until_ms; /* set aside until then (monotonic); 0: not */
+    int fails;             /* calls that ran out of time or memory since first_ms */
+    int times;             /* set aside this many times in a row */
+    uint64_t first_ms;     /* monotonic */
+    uint64_t until_ms;     /* set aside until then (monotonic); 0: not */
+    uint64_t probation_ms; /* back from a set-aside: on probation until then */
 } handler_health_t;
 
 struct policy_s {
@@ -80,6 +85,7 @@ static const policy_settings_t DEFAULTS = {
     .handler_instructions = 1000000,
     .handler_time_ms = 100,
     .memory_limit = 64 * 1024 * 1024,
+    .set_aside_ms = 30000,
 };
 
 static void errf(char *err, size_t errlen, const char *fmt, ...)
@@ -477,7 +483,8 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
                                         "secret_headers", NULL};
     static const char *const known_backoff[] = {"base_ms", "max_ms", NULL};
     static const char *const known_budget[] = {"ratio", "min_per_s", NULL};
-    static const char *const known_limits[] = {"instructions", "time_ms", "memory_mb", NULL};
+    static const char *const known_limits[] = {"instructions", "time_ms", "memory_mb",
+                                               "set_aside_s", NULL};
     policy_settings_t *s = &p->settings;
     int64_t v;
 
@@ -575,6 +582,7 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
         int l = lua_gettop(L);
         int64_t ins = (int64_t)s->handler_instructions, ms = (int64_t)s->handler_time_ms;
         int64_t mb = (int64_t)(s->memory_limit >> 20);
+        int64_t aside = (int64_t)(s->set_aside_ms / 1000);
         if (!lua_istable(L, l)) {
             problem(p, source_line(p, "limits", 1, 0), 0, "settings.limits must be a table");
         } else {
@@ -583,6 +591,8 @@ static void read_settings(policy_t *p, lua_State *L, int policy)
             setting_int(p, L, l, "settings.limits", "instructions", 10000, 1000000000, &ins);
             setting_int(p, L, l, "settings.limits", "time_ms", 1, 10000, &ms);
             setting_int(p, L, l, "settings.limits", "memory_mb", 4, 4096, &mb);
+            setting_int(p, L, l, "settings.limits", "set_aside_s", 1, 3600, &aside);
+            s->set_aside_ms = (uint64_t)aside * 1000;
             s->handler_instructions = (uint64_t)ins;
             s->handler_time_ms = (uint64_t)ms;
             s->memory_limit = (size_t)mb << 20;
@@ -1004,25 +1014,42 @@ static void scrub_cb(void *arg, const char *v, size_t n)
 }
 
 /* Counts a handler call that ran out of time or memory; sets the handler
- * aside when it is the SET_ASIDE_AFTER-th within the window. */
-static void note_exhausted(handler_health_t *h, const policy_input_t *in, uint64_t now)
+ * aside when it is the SET_ASIDE_AFTER-th within the window, or the first
+ * on probation. */
+static void note_exhausted(handler_health_t *h, const policy_settings_t *s,
+                           const policy_input_t *in, uint64_t now)
 {
-    if (h->fails == 0 || now - h->first_ms > SET_ASIDE_WINDOW_MS) {
-        h->fails = 0;
-        h->first_ms = now;
+    int failures;
+    if (now < h->probation_ms) {
+        failures = 1;
+    } else {
+        h->times = 0;
+        if (h->fails == 0 || now - h->first_ms > SET_ASIDE_WINDOW_MS) {
+            h->fails = 0;
+            h->first_ms = now;
+        }
+        if (++h->fails < SET_ASIDE_AFTER)
+            return;
+        failures = SET_ASIDE_AFTER;
     }
-    if (++h->fails < SET_ASIDE_AFTER)
-        return;
+    uint64_t ms = s->set_aside_ms;
+    for (int i = 0; i < h->times && ms < SET_ASIDE_MAX_MS; i++)
+        ms *= 2;
+    if (ms > SET_ASIDE_MAX_MS && s->set_aside_ms <= SET_ASIDE_MAX_MS)
+        ms = SET_ASIDE_MAX_MS;
+    h->times++;
     h->fails = 0;
-    h->until_ms = now + SET_ASIDE_MS;
+    h->probation_ms = 0;
+    h->until_ms = now + ms;
     log_record_t *r = log_begin(LOG_ERROR, "policy handler set aside: its responses pass for a while");
     if (in->res != NULL)
         log_int(r, "status", in->res->status);
     else
         log_str(r, "error_kind", in->err_kind);
-    log_int(r, "failures", SET_ASIDE_AFTER);
+    log_int(r, "failures", failures);
     log_int(r, "within_ms", SET_ASIDE_WINDOW_MS);
-    log_int(r, "for_ms", SET_ASIDE_MS);
+    log_int(r, "for_ms", (int64_t)ms);
+    log_int(r, "times", h->times);
     log_end(r);
 }
 
@@ -1034,11 +1061,13 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
         return;
     handler_health_t *h = &p->health[in->res != NULL ? in->res->status : N_STATUS];
     if (h->until_ms != 0) {
-        if (clock_now_ms() < h->until_ms) {
+        uint64_t now = clock_now_ms();
+        if (now < h->until_ms) {
             out->failure = "set_aside";
             return;
         }
         h->until_ms = 0;
+        h->probation_ms = now + SET_ASIDE_WINDOW_MS;
     }
     char msg[512];
     buf_t trace = BUF_INIT;
@@ -1049,7 +1078,7 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
         return;
     }
     if (st == SANDBOX_TIMEOUT || st == SANDBOX_MEMORY)
-        note_exhausted(h, in, clock_now_ms());
+        note_exhausted(h, &p->settings, in, clock_now_ms());
     /* Fail open: the response goes through as it is. */
     verdict_reset(out);
     out->failure = trace.len == 0 && st == SANDBOX_ERROR ? "verdict" : sandbox_status_name(st);

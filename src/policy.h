@@ -55,6 +55,7 @@ typedef struct {
     uint64_t handler_instructions; /* per handler call */
     uint64_t handler_time_ms;      /* per handler call */
     size_t memory_limit;           /* the Lua state's memory, bytes */
+    uint64_t set_aside_ms;         /* a failing handler's first time set aside */
 } policy_settings_t;
 
 /* What a handler is asked about. `res` is NULL for the error handler, which

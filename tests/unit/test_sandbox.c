@@ -251,6 +251,42 @@ TEST(sandbox_time_limit_stops_large_allocations)
     policy_release(p);
 }
 
+/* Set aside after its third failure, a handler that fails again when it is
+ * back is set aside again at once, for twice as long. */
+TEST(sandbox_handler_back_from_set_aside_is_on_probation)
+{
+    policy_t *p = fx_load("local p = { settings = { limits = { time_ms = 1, set_aside_s = 1 } } }\n"
+                          "p[500] = function() while true do end end\n" HEALTHY "return p\n");
+    ASSERT_LOADED(p);
+    static const char *const want[] = {"timeout", "timeout", "timeout", "set_aside", NULL,
+                                       "timeout", "set_aside"};
+    verdict_t v = VERDICT_INIT;
+    buf_t lg = BUF_INIT;
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+        if (want[i] == NULL) {
+            usleep(1100 * 1000); /* the first set-aside is over */
+            continue;
+        }
+        buf_clear(&lg);
+        CHECK_OUT(fx_decide_status(p, 500, "", &v, &lg) == 0, "no call");
+        CHECK_OUT(v.failure != NULL && strcmp(v.failure, want[i]) == 0, "call %zu: %s, wanted %s",
+                  i + 1, fx_failure(&v), want[i]);
+        if (i == 2)
+            CHECK_OUT(fx_has(&lg, "\"failures\":3,") && fx_has(&lg, "\"for_ms\":1000,") &&
+                          fx_has(&lg, "\"times\":1"),
+                      "first set-aside: %s", lg.data ? lg.data : "");
+        if (i == 5)
+            CHECK_OUT(fx_has(&lg, "\"failures\":1,") && fx_has(&lg, "\"for_ms\":2000,") &&
+                          fx_has(&lg, "\"times\":2"),
+                      "on probation: %s", lg.data ? lg.data : "");
+    }
+out:
+    verdict_reset(&v);
+    buf_free(&lg);
+    ASSERT_STILL_WORKS(p);
+    policy_release(p);
+}
+
 TEST(sandbox_memory_bomb_at_load)
 {
     policy_t *p = fx_load("local s = string.rep('x', 1 << 30)\nreturn {}\n");
