@@ -38,6 +38,7 @@ struct sandbox_s {
 };
 
 static void on_hook(lua_State *L, lua_Debug *ar);
+static int spend(sandbox_t *s, uint64_t units);
 
 /* The allocator: every byte of the state goes through here, so the cap
  * holds whatever the script does. When `ptr` is NULL, `osize` is a type
@@ -65,12 +66,7 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     s->used = s->used - old + nsize;
     if (nsize > old && s->in_call && (s->grown += nsize - old) >= CLOCK_EVERY_BYTES) {
         s->grown = 0;
-        if (s->tripped == SANDBOX_OK && clock_now_ns() > s->deadline_ns) {
-            /* The allocator cannot raise; the hook does, at the next instruction. */
-            s->tripped = SANDBOX_TIMEOUT;
-            s->why = "time limit reached";
-            lua_sethook(s->L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
-        }
+        (void)spend(s, 0); /* the allocator cannot raise; the hook does, at the next instruction */
     }
     return p;
 }
@@ -90,8 +86,30 @@ void sandbox_set_context(sandbox_t *s, void *ctx)
     s->ctx = ctx;
 }
 
-/* Once a limit is hit the hook fires on every instruction and raises again,
- * so a script's pcall can catch the error but never run on. */
+/* Spends `units` of the call's instruction budget and looks at the clock.
+ * Returns 0 while the call may go on; once a limit is hit, -1, and from then
+ * on the hook fires on every instruction and raises again, so a script's
+ * pcall can catch the error but never run on. */
+static int spend(sandbox_t *s, uint64_t units)
+{
+    if (s->tripped == SANDBOX_OK) {
+        if (s->budget <= units) {
+            s->tripped = SANDBOX_TIMEOUT;
+            s->why = "instruction limit reached";
+        } else {
+            s->budget -= units;
+            if (clock_now_ns() > s->deadline_ns) {
+                s->tripped = SANDBOX_TIMEOUT;
+                s->why = "time limit reached";
+            }
+        }
+        if (s->tripped == SANDBOX_OK)
+            return 0;
+    }
+    lua_sethook(s->L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
+    return -1;
+}
+
 static void on_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
@@ -107,21 +125,8 @@ static void on_hook(lua_State *L, lua_Debug *ar)
             return;
         }
     }
-    if (s->tripped == SANDBOX_OK) {
-        if (s->budget <= HOOK_EVERY) {
-            s->tripped = SANDBOX_TIMEOUT;
-            s->why = "instruction limit reached";
-        } else {
-            s->budget -= HOOK_EVERY;
-        }
-        if (s->tripped == SANDBOX_OK && clock_now_ns() > s->deadline_ns) {
-            s->tripped = SANDBOX_TIMEOUT;
-            s->why = "time limit reached";
-        }
-        if (s->tripped == SANDBOX_OK)
-            return;
-        lua_sethook(L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
-    }
+    if (spend(s, HOOK_EVERY) == 0)
+        return;
     luaL_where(L, 0); /* level 0 in a hook: the Lua function it stopped */
     lua_pushfstring(L, "policy handler stopped: %s", s->why);
     lua_concat(L, 2);
@@ -131,23 +136,8 @@ static void on_hook(lua_State *L, lua_Debug *ar)
 void sandbox_charge(lua_State *L, uint64_t units)
 {
     sandbox_t *s = sandbox_of(L);
-    if (!s->in_call)
+    if (!s->in_call || spend(s, units) == 0)
         return;
-    if (s->tripped == SANDBOX_OK) {
-        if (s->budget <= units) {
-            s->tripped = SANDBOX_TIMEOUT;
-            s->why = "instruction limit reached";
-        } else {
-            s->budget -= units;
-            if (clock_now_ns() > s->deadline_ns) {
-                s->tripped = SANDBOX_TIMEOUT;
-                s->why = "time limit reached";
-            }
-        }
-        if (s->tripped == SANDBOX_OK)
-            return;
-        lua_sethook(L, on_hook, LUA_MASKCOUNT | LUA_MASKLINE, 1);
-    }
     luaL_error(L, "policy handler stopped: %s", s->why);
 }
 
