@@ -128,18 +128,18 @@ static lua_Integer sequence_length(lua_State *L, int idx)
     return count == n ? n : 0;
 }
 
-/* Pushes the string at `idx` as a JSON string can hold it: UTF-8 (RFC 8259
- * section 8.1) without NUL, which cJSON's C strings would cut it at. A byte
- * that starts no UTF-8 sequence, and a NUL, become U+FFFD. */
-static const char *push_json_string(lua_State *L, int idx)
+/* Makes the value at `idx` (a string or a number) a string that JSON can
+ * hold, in place, and returns it: UTF-8 (RFC 8259 section 8.1) without NUL,
+ * which cJSON's C strings would cut it at. A byte that starts no UTF-8
+ * sequence, and a NUL, become U+FFFD. */
+static const char *json_text_at(lua_State *L, int idx)
 {
+    idx = lua_absindex(L, idx);
     size_t n;
     const char *s = lua_tolstring(L, idx, &n);
     size_t ok = buf_text_span(s, n);
-    if (ok == n) {
-        lua_pushvalue(L, idx);
+    if (ok == n)
         return s;
-    }
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     for (;;) {
@@ -152,7 +152,8 @@ static const char *push_json_string(lua_State *L, int idx)
         ok = buf_text_span(s, n);
     }
     luaL_pushresult(&b);
-    return lua_tostring(L, -1);
+    lua_replace(L, idx);
+    return lua_tostring(L, idx);
 }
 
 /* A JSON node for the value at `idx`: a scalar, or an empty array/object
@@ -166,11 +167,7 @@ static cJSON *json_node(lua_State *L, int idx)
         double d = lua_tonumber(L, idx);
         return isfinite(d) ? cJSON_CreateNumber(d) : cJSON_CreateNull();
     }
-    case LUA_TSTRING: {
-        cJSON *node = cJSON_CreateString(push_json_string(L, idx));
-        lua_pop(L, 1);
-        return node;
-    }
+    case LUA_TSTRING: return cJSON_CreateString(json_text_at(L, idx));
     case LUA_TTABLE: return sequence_length(L, idx) > 0 ? cJSON_CreateArray() : cJSON_CreateObject();
     default: luaL_error(L, "cannot encode a %s as JSON", luaL_typename(L, idx));
     }
@@ -185,7 +182,7 @@ static void json_fill(lua_State *L, int idx, cJSON *node, int depth)
     idx = lua_absindex(L, idx);
     if (depth > JSON_MAX_DEPTH)
         luaL_error(L, "cannot encode as JSON: nested too deeply (or a cycle)");
-    luaL_checkstack(L, 8, "JSON nested too deeply");
+    luaL_checkstack(L, 6, "JSON nested too deeply"); /* key, value, key copy, a luaL_Buffer */
     if (cJSON_IsArray(node)) {
         lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
         for (lua_Integer i = 1; i <= n; i++) {
@@ -206,18 +203,17 @@ static void json_fill(lua_State *L, int idx, cJSON *node, int depth)
         if (kt != LUA_TSTRING && kt != LUA_TNUMBER)
             luaL_error(L, "cannot encode a %s key as JSON", lua_typename(L, kt));
         lua_pushvalue(L, -2); /* a copy: lua_next's own key must stay untouched */
-        lua_tostring(L, -1);
-        const char *k = push_json_string(L, -1);
-        cJSON *item = json_node(L, -3);
+        const char *k = json_text_at(L, -1);
+        cJSON *item = json_node(L, -2);
         if (item == NULL)
             luaL_error(L, "out of memory");
         if (!cJSON_AddItemToObject(node, k, item)) {
             cJSON_Delete(item);
             luaL_error(L, "out of memory");
         }
-        if (lua_istable(L, -3))
-            json_fill(L, -3, item, depth + 1);
-        lua_pop(L, 3);
+        if (lua_istable(L, -2))
+            json_fill(L, -2, item, depth + 1);
+        lua_pop(L, 2);
     }
 }
 
