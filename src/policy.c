@@ -1032,11 +1032,9 @@ static void note_exhausted(handler_health_t *h, const policy_settings_t *s,
             return;
         failures = SET_ASIDE_AFTER;
     }
-    uint64_t ms = s->set_aside_ms;
+    uint64_t ms = s->set_aside_ms; /* doubled each time in a row, up to the cap */
     for (int i = 0; i < h->times && ms < SET_ASIDE_MAX_MS; i++)
-        ms *= 2;
-    if (ms > SET_ASIDE_MAX_MS && s->set_aside_ms <= SET_ASIDE_MAX_MS)
-        ms = SET_ASIDE_MAX_MS;
+        ms = ms * 2 < SET_ASIDE_MAX_MS ? ms * 2 : SET_ASIDE_MAX_MS;
     h->times++;
     h->fails = 0;
     h->probation_ms = 0;
