@@ -32,16 +32,6 @@ static lua_api_ctx_t *ctx_of(lua_State *L)
     return sandbox_context(L);
 }
 
-static uint64_t next_random(lua_api_ctx_t *c)
-{
-    uint64_t s1 = c->rng[0];
-    const uint64_t s0 = c->rng[1];
-    c->rng[0] = s0;
-    s1 ^= s1 << 23;
-    c->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
-    return c->rng[1] + s0;
-}
-
 /* ---- JSON <-> Lua -------------------------------------------------------------- */
 
 static void push_json(lua_State *L, const cJSON *j, int depth)
@@ -335,7 +325,7 @@ uint64_t lua_api_backoff(lua_api_ctx_t *c, int attempt)
         cap *= 2;
     if (cap > c->settings->backoff_max_ms)
         cap = c->settings->backoff_max_ms;
-    return cap == 0 ? 0 : next_random(c) % (cap + 1);
+    return cap == 0 ? 0 : rand_next(&c->rng) % (cap + 1);
 }
 
 static int l_backoff(lua_State *L)
@@ -391,18 +381,13 @@ static lverdict_t *new_verdict(lua_State *L, verdict_kind_t kind)
     return v;
 }
 
-static const char *verdict_kind_name(verdict_kind_t k)
-{
-    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
-}
-
 /* verdict.verdict is "pass", "retry" or "respond"; nothing else reads. */
 static int verdict_index(lua_State *L)
 {
     const lverdict_t *v = lua_touserdata(L, 1);
     const char *k = lua_tostring(L, 2);
     if (k != NULL && strcmp(k, "verdict") == 0) {
-        lua_pushstring(L, verdict_kind_name(v->kind));
+        lua_pushstring(L, verdict_name(v->kind));
         return 1;
     }
     return 0;

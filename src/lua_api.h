@@ -7,6 +7,7 @@
 
 #include "buf.h"
 #include "policy.h"
+#include "rand.h"
 
 #include <lua.h>
 
@@ -14,7 +15,7 @@
 typedef struct {
     const policy_settings_t *settings;
     const policy_input_t *in; /* the call in progress, or NULL */
-    uint64_t rng[2];
+    rand_t rng;
     /* While a policy's own tests run, side effects stay inside the test:
      * logs are counted, alerts collected, counts kept in a scratch table. */
     int testing;

@@ -22,7 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/random.h>
 
 #define MAX_POLICY_BYTES (4 * 1024 * 1024)
 #define N_STATUS 600
@@ -792,9 +791,7 @@ policy_t *policy_load_text(const char *path, const char *src, size_t len, policy
     sha256_hex(src, len, p->sha256);
     p->loaded_at_ms = clock_wall_ms();
     p->ctx.settings = &p->settings;
-    if (getrandom(p->ctx.rng, sizeof p->ctx.rng, 0) != sizeof p->ctx.rng)
-        p->ctx.rng[0] = clock_now_ns();
-    p->ctx.rng[1] |= 1;
+    rand_seed(&p->ctx.rng);
     sandbox_set_context(p->sandbox, &p->ctx);
     lua_State *L = sandbox_state(p->sandbox);
     lua_pushcfunction(L, open_step);
@@ -1100,13 +1097,6 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
     buf_free(&trace);
 }
 
-void verdict_reset(verdict_t *v)
-{
-    buf_free(&v->headers);
-    buf_free(&v->body);
-    *v = (verdict_t)VERDICT_INIT;
-}
-
 /* ---- the policy's own tests ---------------------------------------------------- */
 
 /* One test being run: what it allocates in C lives here, so that the
@@ -1207,11 +1197,6 @@ static void test_head(lua_State *L, int idx, int is_res, http_head_t **slot)
         h->headers[i].name = a->data + h->headers[i].name_off;
         h->headers[i].value = a->data + h->headers[i].value_off;
     }
-}
-
-static const char *verdict_name(verdict_kind_t k)
-{
-    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
 }
 
 /* Whether `name` is one of the '\n'-terminated names in `alerts`. */

@@ -14,91 +14,13 @@
 
 #include "buf.h"
 #include "http.h"
+#include "settings.h"
+#include "verdict.h"
 
 #include <stddef.h>
 #include <stdint.h>
 
 typedef struct policy_s policy_t;
-
-/* One alert sink from settings.alerts. */
-typedef enum { SINK_ALERTMANAGER, SINK_WEBHOOK, SINK_SLACK, SINK_PAGERDUTY } sink_kind_t;
-
-typedef struct {
-    sink_kind_t kind;
-    char *url;
-    char *headers;     /* extra header lines for a webhook, "Name: value\r\n", or NULL */
-    char *routing_key; /* PagerDuty's integration key */
-    int rate_per_min;  /* deliveries a minute at most */
-    int queue;         /* deliveries kept waiting at most; the oldest go first */
-    uint64_t timeout_ms;
-} policy_sink_t;
-
-/* settings = { ... } of the policy file, with errord's defaults. */
-typedef struct {
-    int attempts;              /* tries per client request, the first included */
-    uint64_t backoff_base_ms;  /* exponential backoff with full jitter */
-    uint64_t backoff_max_ms;
-    size_t body_limit;         /* response bodies up to this are buffered for handlers */
-    size_t replay_limit;       /* request bodies up to this are kept for retries */
-    uint64_t deadline_ms;      /* bounds a whole client request; 0: none */
-    uint64_t try_timeout_ms;   /* an attempt's wait for its response; 0: --first-byte-timeout */
-    uint64_t retry_after_max_ms; /* a longer Retry-After is not waited for */
-    int budget_on;             /* settings.budget = false turns it off */
-    double budget_ratio;       /* retries <= ratio x requests + min_per_s x window */
-    double budget_min_per_s;
-    policy_sink_t *sinks;      /* settings.alerts */
-    size_t n_sinks;
-    uint64_t resolve_after_ms; /* an alert quiet this long is resolved */
-    uint64_t repeat_ms;        /* firing alerts are sent to Alertmanager again this often */
-    char **secret_headers;     /* settings.secret_headers: more names (lower case) */
-    size_t n_secret_headers;
-    uint64_t handler_instructions; /* per handler call */
-    uint64_t handler_time_ms;      /* per handler call */
-    size_t memory_limit;           /* the Lua state's memory, bytes */
-    uint64_t set_aside_ms;         /* a failing handler's first time set aside */
-} policy_settings_t;
-
-/* What a handler is asked about. `res` is NULL for the error handler, which
- * gets `err_kind` ("connect", "timeout", "reset", "protocol") and
- * `err_message` instead. `body` is NULL when the response body is larger than
- * body_limit (it is being streamed). */
-typedef struct {
-    const http_head_t *req;
-    const char *request_id;
-    int attempt;          /* 1 for the first try */
-    uint64_t elapsed_ns;  /* since the client request arrived */
-    const http_head_t *res;
-    const char *body;
-    size_t body_len;
-    uint64_t attempt_ns;  /* since this attempt started */
-    const char *err_kind;
-    const char *err_message;
-} policy_input_t;
-
-typedef enum { VERDICT_PASS, VERDICT_RETRY, VERDICT_RESPOND } verdict_kind_t;
-
-#define VERDICT_REASON_MAX 32
-
-/* What a handler decided. */
-typedef struct {
-    verdict_kind_t kind;
-    /* retry */
-    int64_t after_ms; /* -1: not given, use the backoff */
-    char reason[VERDICT_REASON_MAX + 1]; /* [a-z0-9_], "" when not given */
-    int unsafe;       /* the policy vouches a non-idempotent request may repeat */
-    int cooldown;     /* hold every request for the retry's delay too */
-    /* respond */
-    int status;
-    buf_t headers; /* "Name: value\r\n" lines */
-    buf_t body;
-    int has_content_type;
-    /* The handler failed (raised, ran too long, ran out of memory or
-     * returned something that is not a verdict): errord passes (fails open)
-     * and this says why: "error", "timeout", "memory", "verdict". */
-    const char *failure;
-} verdict_t;
-
-#define VERDICT_INIT {VERDICT_PASS, -1, "", 0, 0, 0, BUF_INIT, BUF_INIT, 0, NULL}
 
 /* What loading a policy found: `errors` stop it from loading, `warnings`
  * (unknown keys...) do not. One "file:line: message\n" per problem; the
@@ -215,8 +137,5 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out);
 /* errord.backoff(attempt) with the policy's settings: a random delay in
  * [0, min(max, base * 2^(attempt-1))] ms. */
 uint64_t policy_backoff_ms(policy_t *p, int attempt);
-
-/* Frees what a verdict holds; it is VERDICT_INIT again afterwards. */
-void verdict_reset(verdict_t *v);
 
 #endif

@@ -19,13 +19,13 @@
 #include "log.h"
 #include "metrics.h"
 #include "policy.h"
+#include "rand.h"
 #include "upstream.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <sys/socket.h>
@@ -152,7 +152,7 @@ struct proxy_s {
     http_limits_t res_limits;
     list_t clients;
     char *rbuf;
-    uint64_t rng[2];
+    rand_t rng;
     time_t date_at;
     char date[32];
     int listening;
@@ -191,17 +191,6 @@ static const char *http_date(proxy_t *p)
         p->date_at = now;
     }
     return p->date;
-}
-
-static uint64_t next_random(proxy_t *p)
-{
-    /* xorshift128+ */
-    uint64_t s1 = p->rng[0];
-    const uint64_t s0 = p->rng[1];
-    p->rng[0] = s0;
-    s1 ^= s1 << 23;
-    p->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
-    return p->rng[1] + s0;
 }
 
 /* ---- errord's own answers (SPEC §4) ------------------------------------------ */
@@ -496,7 +485,7 @@ static const char *request_id(txn_t *t, proxy_t *p)
     }
     static const char hex[] = "0123456789abcdef";
     for (int half = 0; half < 2; half++) {
-        uint64_t v = next_random(p);
+        uint64_t v = rand_next(&p->rng);
         for (int i = 0; i < 16; i++, v >>= 4)
             t->id[half * 16 + i] = hex[v & 15];
     }
@@ -808,11 +797,6 @@ static void txn_send_body(txn_t *t, const char *at, size_t n);
 static void txn_response_done(txn_t *t, int extra_bytes);
 static int txn_respond(txn_t *t, const verdict_t *v);
 static void txn_commit(txn_t *t);
-
-static const char *verdict_name(verdict_kind_t k)
-{
-    return k == VERDICT_RETRY ? "retry" : k == VERDICT_RESPOND ? "respond" : "pass";
-}
 
 /* Checks the retry a verdict asks for against errord's rules, in order:
  * attempts, idempotency, the kept body, Retry-After's maximum, the deadline,
@@ -1703,9 +1687,7 @@ proxy_t *proxy_new(uv_loop_t *loop, const config_t *cfg, proxy_shared_t *shared,
     p->res_limits.max_line = cfg->max_header_size;
     p->res_limits.max_head = cfg->max_header_size;
     list_init(&p->clients);
-    if (getrandom(p->rng, sizeof p->rng, 0) != sizeof p->rng)
-        p->rng[0] = clock_now_ns() ^ (uint64_t)getpid();
-    p->rng[1] |= 1;
+    rand_seed(&p->rng);
     p->upstream_owner.alloc = on_alloc;
     p->upstream_owner.on_read = on_up_read;
     p->upstream_owner.response = &RESPONSE_HANDLER;
