@@ -3,6 +3,7 @@
 #include "admin.h"
 
 #include "clock.h"
+#include "frame.h"
 #include "http.h"
 #include "io.h"
 #include "list.h"
@@ -70,13 +71,21 @@ static void on_conn_closed(io_t *io)
 static void respond(conn_t *c, int status, const char *type, const char *body, size_t len,
                     const char *extra)
 {
-    char date[32];
+    char date[32], headers[256];
     clock_http_date(time(NULL), date);
+    int n = snprintf(headers, sizeof headers, "Cache-Control: no-store\r\n%s", extra);
+    frame_local_t o = {
+        .status = status,
+        .type = type,
+        .headers = headers,
+        .headers_len = n > 0 && (size_t)n < sizeof headers ? (size_t)n : 0,
+        .has_length = 1,
+        .body_len = len,
+        .date = date,
+        .client_version = 11,
+    };
     buf_t b = BUF_INIT;
-    buf_printf(&b,
-               "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nDate: %s\r\n"
-               "Cache-Control: no-store\r\n%sConnection: close\r\n\r\n",
-               status, http_reason(status), type, len, date, extra);
+    frame_local_head(&b, &o);
     if (c->req == NULL || c->req->method != HTTP_M_HEAD)
         buf_append(&b, body, len);
     io_append(&c->io, b.data, b.len);
@@ -88,9 +97,7 @@ static void respond(conn_t *c, int status, const char *type, const char *body, s
 static void respond_json(conn_t *c, int status, const char *message, const char *extra)
 {
     buf_t b = BUF_INIT;
-    buf_lit(&b, "{\"message\":\"");
-    buf_json_escape(&b, message, strlen(message));
-    buf_lit(&b, "\"}\n");
+    frame_error_body(&b, message);
     respond(c, status, "application/json", b.data, b.len, extra);
     buf_free(&b);
 }
@@ -221,13 +228,11 @@ static void on_connection(uv_stream_t *server, int status)
     if (c == NULL)
         return;
     c->admin = a;
-    list_init(&c->link);
-    io_init(a->loop, &c->io, c);
-    c->io.on_closed = on_conn_closed;
     list_push_back(&a->conns, &c->link);
+    if (io_accept(server, &c->io, c, on_conn_closed) < 0)
+        return;
     c->parser = http_parser_new(HTTP_PARSE_REQUEST, &a->limits, &HANDLER, c);
-    if (c->parser == NULL || uv_accept(server, (uv_stream_t *)&c->io.tcp) < 0 ||
-        uv_read_start((uv_stream_t *)&c->io.tcp, on_alloc, on_read) < 0) {
+    if (c->parser == NULL || uv_read_start((uv_stream_t *)&c->io.tcp, on_alloc, on_read) < 0) {
         io_close(&c->io);
         return;
     }

@@ -26,6 +26,59 @@ static void put_chunked(buf_t *b, const http_head_t *h)
     buf_lit(b, "chunked\r\n");
 }
 
+static void put_status_line(buf_t *b, int status, const char *reason, size_t reason_len)
+{
+    buf_lit(b, "HTTP/1.1 ");
+    buf_put_u64(b, (uint64_t)status);
+    buf_lit(b, " ");
+    if (reason_len > 0)
+        buf_append(b, reason, reason_len);
+    else
+        buf_puts(b, http_reason(status));
+    buf_lit(b, "\r\n");
+}
+
+/* Connection: close when the connection ends, keep-alive to an HTTP/1.0
+ * client that keeps it (1.1 keeps it by default). */
+static void put_connection(buf_t *b, int keep_alive, int client_version)
+{
+    if (!keep_alive)
+        buf_lit(b, "Connection: close\r\n");
+    else if (client_version == 10)
+        buf_lit(b, "Connection: keep-alive\r\n");
+}
+
+void frame_local_head(buf_t *b, const frame_local_t *o)
+{
+    put_status_line(b, o->status, NULL, 0);
+    if (o->type != NULL) {
+        buf_lit(b, "Content-Type: ");
+        buf_puts(b, o->type);
+        buf_lit(b, "\r\n");
+    }
+    if (o->headers != NULL)
+        buf_append(b, o->headers, o->headers_len);
+    if (o->has_length)
+        frame_content_length(b, (int64_t)o->body_len);
+    buf_lit(b, "Date: ");
+    buf_puts(b, o->date);
+    buf_lit(b, "\r\n");
+    if (o->request_id != NULL) {
+        buf_lit(b, "X-Request-Id: ");
+        buf_puts(b, o->request_id);
+        buf_lit(b, "\r\n");
+    }
+    put_connection(b, o->keep_alive, o->client_version);
+    buf_lit(b, "\r\n");
+}
+
+void frame_error_body(buf_t *b, const char *message)
+{
+    buf_lit(b, "{\"message\":\"");
+    buf_json_escape(b, message, strlen(message));
+    buf_lit(b, "\"}\n");
+}
+
 void frame_content_length(buf_t *b, int64_t n)
 {
     buf_lit(b, "Content-Length: ");
@@ -104,14 +157,7 @@ frame_body_t frame_response_head(buf_t *b, const http_head_t *res, frame_respons
     frame_body_t body = FRAME_BODY_AS_IS;
     int has_date = 0;
 
-    buf_lit(b, "HTTP/1.1 ");
-    buf_put_u64(b, (uint64_t)res->status);
-    buf_lit(b, " ");
-    if (res->reason_len > 0)
-        buf_append(b, res->reason, res->reason_len);
-    else
-        buf_puts(b, http_reason(res->status));
-    buf_lit(b, "\r\n");
+    put_status_line(b, res->status, res->reason, res->reason_len);
     for (size_t i = 0; i < res->n_headers; i++) {
         const http_header_t *f = &res->headers[i];
         if ((f->flags & HTTP_HDR_HOP) || NAME_IS(f, "x-request-id"))
@@ -142,10 +188,7 @@ frame_body_t frame_response_head(buf_t *b, const http_head_t *res, frame_respons
         body = FRAME_BODY_TO_CLOSE; /* HTTP/1.0 has no chunked */
         o->keep_alive = 0;
     }
-    if (!o->keep_alive)
-        buf_lit(b, "Connection: close\r\n");
-    else if (o->client_version == 10)
-        buf_lit(b, "Connection: keep-alive\r\n");
+    put_connection(b, o->keep_alive, o->client_version);
     buf_lit(b, "\r\n");
     return body;
 }

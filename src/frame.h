@@ -50,6 +50,31 @@ typedef struct {
  * errord's), Date, Via, the framing, and Connection. */
 frame_body_t frame_response_head(buf_t *b, const http_head_t *res, frame_response_t *o);
 
+/* An answer errord makes itself: its own errors (SPEC §4), a policy's
+ * respond{}, the admin port's routes. */
+typedef struct {
+    int status;
+    const char *type;       /* Content-Type, or NULL (among `headers`, or no body) */
+    const char *headers;    /* more "Name: value\r\n" lines, or NULL */
+    size_t headers_len;
+    int has_length;         /* 0 for 204 and 304, which have no Content-Length */
+    size_t body_len;
+    const char *date;       /* Date */
+    const char *request_id; /* X-Request-Id, or NULL */
+    int client_version;     /* the request's, 10 or 11; 11 when there is none */
+    int keep_alive;         /* the client connection stays open afterwards */
+} frame_local_t;
+
+/* Appends the head of an answer errord makes itself: the status line,
+ * Content-Type, the extra header lines, Content-Length, Date, X-Request-Id
+ * and Connection. The body (o->body_len bytes) is the caller's to append. */
+void frame_local_head(buf_t *b, const frame_local_t *o);
+
+/* Appends errord's own error body, {"message":"..."} and a newline, with
+ * `message` escaped for JSON. */
+void frame_error_body(buf_t *b, const char *message);
+
+/* Appends a Content-Length field of `n`. */
 void frame_content_length(buf_t *b, int64_t n);
 
 /* Writes "<hex size>\r\n" for a chunk of `n` bytes; returns its length.

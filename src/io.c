@@ -45,6 +45,16 @@ int io_init(uv_loop_t *loop, io_t *io, void *owner)
     return 0;
 }
 
+int io_accept(uv_stream_t *server, io_t *io, void *owner, io_cb on_closed)
+{
+    io_init(server->loop, io, owner); /* cannot fail without an address family */
+    io->on_closed = on_closed;
+    int rc = uv_accept(server, (uv_stream_t *)&io->tcp);
+    if (rc < 0)
+        io_close(io);
+    return rc;
+}
+
 int io_append(io_t *io, const void *p, size_t n)
 {
     if (io->closing || io->failed)

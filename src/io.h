@@ -47,6 +47,11 @@ struct io_s {
 /* Initializes the handles on `loop`. Returns 0 or a libuv error. */
 int io_init(uv_loop_t *loop, io_t *io, void *owner);
 
+/* Initializes `io` on the server's loop and accepts a pending connection
+ * into it; `on_closed` is set first. Returns 0, or a libuv error after
+ * which the io is closing (on_closed fires, and then the owner frees). */
+int io_accept(uv_stream_t *server, io_t *io, void *owner, io_cb on_closed);
+
 /* Gathers bytes for the next flush. Returns 0 or -ENOMEM. */
 int io_append(io_t *io, const void *p, size_t n);
 
