@@ -1,6 +1,8 @@
 /* tools: errord check, test and replay (see tools.h). */
 #include "tools.h"
 
+#include "access.h"
+
 #include "buf.h"
 #include "counter.h"
 #include "log.h"
@@ -12,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 /* Recorded access logs are read line by line; a line longer than this is
  * not one of errord's records. */
@@ -213,25 +214,6 @@ static void replay_free(replay_t *r)
     free(r->d);
 }
 
-/* "2026-11-25T17:59:39.365Z" as ms since the epoch; 0 when it is not. */
-static int64_t parse_time(const char *s)
-{
-    struct tm tm = {0};
-    int ms = 0;
-    if (s == NULL || sscanf(s, "%d-%d-%dT%d:%d:%d.%dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-                            &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) < 6)
-        return 0;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    return (int64_t)timegm(&tm) * 1000 + ms;
-}
-
-static const char *str_of(const cJSON *o, const char *key)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
 /* A verdict in words: "pass", "retry (limit)", "respond 429". */
 static void verdict_words(char *out, size_t n, const char *verdict, const char *reason,
                           int status)
@@ -253,39 +235,6 @@ static void outcome_words(char *out, size_t n, const policy_outcome_t *o)
         verdict_words(out, n, names[o->kind], o->reason, o->status);
 }
 
-/* The test case (SPEC: the form of p.tests) for attempt `a` of `rec`. */
-static char *case_of(const cJSON *rec, const cJSON *a, int number)
-{
-    cJSON *c = cJSON_CreateObject();
-    cJSON *req = cJSON_AddObjectToObject(c, "req");
-    const char *method = str_of(rec, "method"), *path = str_of(rec, "path");
-    cJSON_AddStringToObject(req, "method", method ? method : "GET");
-    cJSON_AddStringToObject(req, "path", path ? path : "/");
-    const cJSON *rh = cJSON_GetObjectItemCaseSensitive(rec, "req_headers");
-    if (cJSON_IsObject(rh))
-        cJSON_AddItemToObject(req, "headers", cJSON_Duplicate(rh, 1));
-    const cJSON *status = cJSON_GetObjectItemCaseSensitive(a, "status");
-    if (cJSON_IsNumber(status)) {
-        cJSON *res = cJSON_AddObjectToObject(c, "res");
-        cJSON_AddNumberToObject(res, "status", status->valuedouble);
-        const cJSON *h = cJSON_GetObjectItemCaseSensitive(a, "headers");
-        if (cJSON_IsObject(h))
-            cJSON_AddItemToObject(res, "headers", cJSON_Duplicate(h, 1));
-        const char *body = str_of(a, "body");
-        if (body != NULL)
-            cJSON_AddStringToObject(res, "body", body);
-    } else {
-        cJSON *err = cJSON_AddObjectToObject(c, "err");
-        cJSON_AddStringToObject(err, "kind", str_of(a, "error"));
-        const char *msg = str_of(a, "message");
-        cJSON_AddStringToObject(err, "message", msg ? msg : "");
-    }
-    cJSON_AddNumberToObject(c, "attempt", number);
-    char *text = cJSON_PrintUnformatted(c);
-    cJSON_Delete(c);
-    return text;
-}
-
 static int add_decision(replay_t *r, decision_t *d)
 {
     if (r->n == r->cap) {
@@ -298,13 +247,6 @@ static int add_decision(replay_t *r, decision_t *d)
     }
     r->d[r->n++] = *d;
     return 0;
-}
-
-/* The error kinds a policy's error handler is asked about. */
-static int policy_error_kind(const char *k)
-{
-    return k != NULL && (strcmp(k, "connect") == 0 || strcmp(k, "timeout") == 0 ||
-                         strcmp(k, "reset") == 0 || strcmp(k, "protocol") == 0);
 }
 
 /* Feeds the access records of `log` through `p`, one decision per recorded
@@ -322,32 +264,27 @@ static int replay_log(policy_t *p, const char *log, replay_t *r)
     int rc = 0;
     counter_reset(); /* each policy replays from the same empty windows */
     while (rc == 0 && (len = getline(&line, &cap, f)) >= 0) {
-        cJSON *rec = len < MAX_RECORD ? cJSON_ParseWithLength(line, (size_t)len) : NULL;
-        const cJSON *attempts = cJSON_GetObjectItemCaseSensitive(rec, "attempts");
-        const char *type = str_of(rec, "type");
-        if (type == NULL || strcmp(type, "access") != 0 || !cJSON_IsArray(attempts)) {
-            /* errord's other records (its own messages, a policy's log and
-             * alert records) share the access log's stdout */
-            int own = (type == NULL || strcmp(type, "access") != 0) &&
-                      str_of(rec, "time") != NULL && str_of(rec, "level") != NULL;
+        int own = 0;
+        cJSON *rec = len < MAX_RECORD ? access_parse(line, (size_t)len, &own) : NULL;
+        if (rec == NULL) {
             r->skipped += len > 1 && !own;
-            cJSON_Delete(rec);
             continue;
         }
+        const cJSON *attempts = cJSON_GetObjectItemCaseSensitive(rec, "attempts");
         r->transactions++;
-        int64_t at = parse_time(str_of(rec, "time"));
+        int64_t at = access_time_ms(rec);
         const cJSON *final = cJSON_GetObjectItemCaseSensitive(rec, "status");
         int number = 0;
         const cJSON *a;
         cJSON_ArrayForEach(a, attempts)
         {
             number++;
-            const cJSON *status = cJSON_GetObjectItemCaseSensitive(a, "status");
-            const char *error = str_of(a, "error");
-            if (!cJSON_IsNumber(status) && !policy_error_kind(error))
+            if (!access_attempt_asked(a))
                 continue; /* aborted: nothing a policy is asked about */
+            const cJSON *status = cJSON_GetObjectItemCaseSensitive(a, "status");
+            const char *error = access_str(a, "error");
             decision_t d = {0};
-            const char *verdict = str_of(a, "verdict");
+            const char *verdict = access_str(a, "verdict");
             d.attempt = number;
             if (cJSON_IsNumber(status))
                 snprintf(d.what, sizeof d.what, "%d", status->valueint);
@@ -358,16 +295,16 @@ static int replay_log(policy_t *p, const char *log, replay_t *r)
             d.was_handled = cJSON_GetObjectItemCaseSensitive(a, "headers") != NULL ||
                             cJSON_GetObjectItemCaseSensitive(a, "message") != NULL ||
                             (verdict != NULL && strcmp(verdict, "pass") != 0);
-            if (str_of(a, "policy_error") != NULL)
+            if (access_str(a, "policy_error") != NULL)
                 snprintf(d.recorded, sizeof d.recorded, "pass (handler failed)");
             else
                 verdict_words(d.recorded, sizeof d.recorded, verdict ? verdict : "pass",
-                              str_of(a, "reason"), cJSON_IsNumber(final) ? final->valueint : 0);
-            char *text = case_of(rec, a, number);
+                              access_str(a, "reason"), cJSON_IsNumber(final) ? final->valueint : 0);
+            char *text = access_attempt_case(rec, a, number);
             policy_outcome_t o;
             char err[256];
             if (text == NULL || policy_try(p, text, strlen(text), at, &o, err, sizeof err) < 0) {
-                fprintf(stderr, "%s: record of %s: %s\n", log, str_of(rec, "request_id"),
+                fprintf(stderr, "%s: record of %s: %s\n", log, access_str(rec, "request_id"),
                         text == NULL ? "out of memory" : err);
                 cJSON_free(text);
                 continue;
@@ -375,8 +312,8 @@ static int replay_log(policy_t *p, const char *log, replay_t *r)
             cJSON_free(text);
             outcome_words(d.decided, sizeof d.decided, &o);
             d.handled = o.handled;
-            const char *id = str_of(rec, "request_id"), *method = str_of(rec, "method");
-            const char *path = str_of(rec, "path");
+            const char *id = access_str(rec, "request_id"), *method = access_str(rec, "method");
+            const char *path = access_str(rec, "path");
             size_t n = strlen(id ? id : "-") + strlen(method ? method : "-") +
                        strlen(path ? path : "-") + 3;
             d.request = malloc(n);
