@@ -4,6 +4,7 @@
  * (finishing the transaction, releasing a connection) happens after the
  * parser returns, never from inside it. */
 #include "txn.h"
+#include "txn_int.h"
 
 #include "access.h"
 #include "budget.h"
@@ -18,79 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Stop reading a side once this much is waiting to be written to the other. */
-#define HIGH_WATER (256 * 1024)
-/* Without a policy: request bytes kept so a request can go again on a fresh
- * connection when a pooled one turns out dead. */
-#define REPLAY_LIMIT (1024 * 1024)
-#define MAX_ATTEMPTS 16
-#define REQUEST_ID_MAX 200
-
-struct txn_s {
-    txn_env_t *env;
-    const txn_conn_ops_t *ops;
-    void *conn;              /* the client connection, for ops */
-    io_t *out;               /* ... and its io, where the answer goes */
-    const char *client_addr;
-    policy_t *policy; /* the policy the request started under, or NULL */
-    http_head_t *req;
-    char id[REQUEST_ID_MAX + 1];
-    uint64_t t0;
-    buf_t head;         /* the request head as sent upstream */
-    buf_t body;         /* request body bytes not yet forwarded, or all of them while replayable */
-    size_t body_fwd;    /* bytes of `body` forwarded on this attempt */
-    uint64_t body_in;   /* request body bytes received */
-    uint64_t bytes_out; /* response body bytes sent to the client */
-    upconn_t *up;
-    http_head_t *res;
-    buf_t res_body;      /* a response body held for the policy */
-    http_head_t *last_res; /* the last complete real response, kept while retrying */
-    buf_t last_body;
-    int attempt;         /* the policy's attempt number, 1 for the first */
-    int retries;         /* retries made */
-    size_t replay_limit;
-    uint64_t deadline_ns; /* when the request must have its answer; 0: none */
-    uint64_t hold_t0;     /* a cooldown holds the next attempt since then */
-    uint64_t held_ms;     /* ... for this long so far */
-    uint64_t waited_ms;   /* retry delays and holds, in all */
-    int status;          /* what the client got */
-    const char *error;   /* why the transaction ended badly */
-    char tls_error[192]; /* the words of a failed TLS handshake */
-    uint64_t attempt_t0;
-    uint64_t res_bytes;  /* bytes received from the upstream on this attempt */
-    int n_attempts;
-    buf_t seen;          /* what handlers saw (access_attempt_t.seen_off) */
-    unsigned req_done : 1;    /* the whole request was read */
-    unsigned replayable : 1;  /* `body` holds the whole body read so far */
-    unsigned up_ready : 1;    /* the upstream connection is usable */
-    unsigned up_reused : 1;   /* ... and came from the pool */
-    unsigned end_sent : 1;    /* the whole request went upstream */
-    unsigned up_paused : 1;   /* upstream reads stopped for backpressure */
-    unsigned res_done : 1;    /* the response is complete */
-    unsigned committed : 1;   /* the response head went to the client */
-    unsigned chunk_out : 1;   /* the response body is chunk-encoded to the client */
-    unsigned close_out : 1;   /* the response body ends when the connection closes */
-    unsigned keep_alive : 1;  /* the client connection continues afterwards */
-    unsigned stale_retried : 1;
-    unsigned started : 1;     /* the first attempt has begun */
-    unsigned holding : 1;     /* the response waits for the policy's verdict */
-    unsigned noted : 1;       /* counted in the retry budget's requests */
-    unsigned res_over : 1;    /* ... and its body is larger than body_limit */
-    /* Last, and not zeroed when a transaction starts: attempt_end() clears
-     * each line as it is written. */
-    access_attempt_t attempts[MAX_ATTEMPTS];
-};
-
-static void txn_pump(txn_t *t);
-static void txn_body_backpressure(txn_t *t);
-static int txn_flush(txn_t *t);
 static int txn_attempt(txn_t *t, int fresh);
-static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message);
 static int txn_forward_last(txn_t *t);
-static void txn_send_body(txn_t *t, const char *at, size_t n);
-static void txn_response_done(txn_t *t, int extra_bytes);
 static int txn_respond(txn_t *t, const verdict_t *v);
-static void txn_commit(txn_t *t);
 
 const char *txn_date(txn_env_t *env)
 {
@@ -302,9 +233,7 @@ static void build_request_head(txn_t *t)
     frame_request_head(&t->head, r, &o);
 }
 
-/* Whether the client connection can serve another request after this one:
- * after a half-close, only the requests it already sent. */
-static int txn_wants_more(const txn_t *t)
+int txn_wants_more(const txn_t *t)
 {
     if (!t->req_done || !t->ops->open(t->conn))
         return 0;
@@ -330,58 +259,6 @@ static int txn_fail(txn_t *t, int status, const char *message)
     txn_write_error(t, status, message, t->keep_alive, NULL);
     txn_finish(t);
     return -1;
-}
-
-static void on_up_drain(io_t *io);
-static void on_up_write_error(io_t *io);
-static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
-static void on_up_timeout(uv_timer_t *timer);
-
-static void up_timer(txn_t *t, uint64_t ms)
-{
-    uv_timer_start(&t->up->io.timer, on_up_timeout, ms, 0);
-}
-
-/* The upstream connection is ready: send the request (what has arrived).
- * Returns -1 when the transaction ended. */
-static int txn_up_ready(txn_t *t)
-{
-    upconn_t *u = t->up;
-    txn_env_t *env = t->env;
-    t->up_ready = 1;
-    u->io.on_drain = on_up_drain;
-    u->io.on_error = on_up_write_error;
-    http_parser_set_head_request(u->parser, t->req->method == HTTP_M_HEAD);
-    io_append(&u->io, t->head.data, t->head.len);
-    txn_pump(t); /* a request that is all here starts the first-byte timer */
-    if (!t->end_sent)
-        up_timer(t, env->cfg->upstream_idle_timeout);
-    if (txn_flush(t) < 0)
-        return -1;
-    txn_body_backpressure(t);
-    return 0;
-}
-
-static void on_up_ready(upconn_t *u, int status)
-{
-    txn_t *t = u->owner;
-    if (status == UPSTREAM_ETLS) {
-        snprintf(t->tls_error, sizeof t->tls_error, "TLS handshake with the upstream failed: %s",
-                 upconn_tls_error(u));
-        txn_upstream_failed(t, "tls", 502, t->tls_error);
-        return;
-    }
-    if (status < 0) {
-        const char *why = status == UV_ETIMEDOUT ? "upstream connect timed out"
-                          : (status == UV_EAI_NONAME || status == UV_EAI_AGAIN ||
-                             status == UV_EAI_FAIL)
-                              ? "could not resolve the upstream host"
-                              : "upstream refused the connection";
-        txn_upstream_failed(t, "connect", status == UV_ETIMEDOUT ? 504 : 502, why);
-        return;
-    }
-    t->up_reused = 0;
-    txn_up_ready(t);
 }
 
 /* A cooldown runs: hold the attempt until it ends, or, when the request's
@@ -450,7 +327,6 @@ static void txn_deadline_passed(txn_t *t)
  * unless a cooldown holds it. Returns -1 when the transaction ended. */
 static int txn_attempt(txn_t *t, int fresh)
 {
-    txn_env_t *env = t->env;
     int held = txn_hold(t);
     if (held != 0)
         return held < 0 ? -1 : 0;
@@ -464,90 +340,7 @@ static int txn_attempt(txn_t *t, int fresh)
         t->noted = 1;
         budget_note_request(clock_wall_ms());
     }
-    t->attempt_t0 = clock_now_ns();
-    t->res_bytes = 0;
-    t->body_fwd = 0;
-    t->end_sent = 0;
-    t->up_ready = 0;
-    int rc = upstream_lease(env->upstream, t, fresh, on_up_ready, &t->up);
-    if (rc < 0) {
-        t->up = NULL;
-        return txn_upstream_failed(t, "connect", 502, "could not open an upstream connection");
-    }
-    if (rc == 1) {
-        t->up_reused = 1;
-        return txn_up_ready(t);
-    }
-    return 0;
-}
-
-/* How long an attempt waits for its response once the request is sent:
- * the policy's settings.try_timeout_ms, else --first-byte-timeout. */
-static uint64_t try_timeout(const txn_t *t)
-{
-    if (t->policy != NULL && policy_settings(t->policy)->try_timeout_ms > 0)
-        return policy_settings(t->policy)->try_timeout_ms;
-    return t->env->cfg->first_byte_timeout;
-}
-
-/* Forwards the request body that has arrived, framed for the upstream. */
-static void txn_pump(txn_t *t)
-{
-    if (!t->up_ready || t->end_sent)
-        return;
-    io_t *io = &t->up->io;
-    size_t n = t->body.len - t->body_fwd;
-    if (n > 0) {
-        if (t->req->flags & HTTP_F_CHUNKED) {
-            char line[24];
-            io_append(io, line, frame_chunk_size_line(line, n));
-            io_append(io, t->body.data + t->body_fwd, n);
-            io_append(io, "\r\n", 2);
-        } else {
-            io_append(io, t->body.data + t->body_fwd, n);
-        }
-        t->body_fwd = t->body.len;
-        if (!t->replayable) {
-            buf_clear(&t->body);
-            t->body_fwd = 0;
-        }
-    }
-    if (t->req_done) {
-        if (t->req->flags & HTTP_F_CHUNKED)
-            io_append(io, FRAME_LAST_CHUNK, FRAME_LAST_CHUNK_LEN);
-        t->end_sent = 1;
-        if (t->res == NULL)
-            up_timer(t, try_timeout(t));
-    }
-}
-
-/* Reads the request body only as fast as the upstream takes it: stops the
- * client's reads while too much waits, resumes them once it drained. */
-static void txn_body_backpressure(txn_t *t)
-{
-    if (t->req_done)
-        return;
-    size_t waiting = t->up_ready ? io_pending(&t->up->io) : t->body.len - t->body_fwd;
-    int on = waiting <= HIGH_WATER;
-    if (on == t->ops->reading(t->conn))
-        return;
-    t->ops->read(t->conn, on);
-    /* While errord holds the body back, the client is not stalling: the
-     * upstream's timer measures the wait instead. */
-    t->ops->wait(t->conn, on ? WAIT_BODY : WAIT_NONE, 0);
-}
-
-/* Writes what both sides have gathered. Returns -1 when the transaction
- * ended because a connection broke. */
-static int txn_flush(txn_t *t)
-{
-    if (t->up != NULL && io_flush(&t->up->io) < 0)
-        return txn_upstream_failed(t, "reset", 502, "upstream connection broke");
-    if (io_flush(t->out) < 0) {
-        t->ops->abort(t->conn, "client connection broke");
-        return -1;
-    }
-    return 0;
+    return txn_connect(t, fresh);
 }
 
 static void log_refusal(const txn_t *t, const access_attempt_t *a, const char *why)
@@ -658,7 +451,7 @@ static int txn_forward_last(txn_t *t)
  * the policy's error handler decides; without one (or when it passes)
  * errord answers 502/504, or forwards an earlier attempt's real response.
  * Returns -1 when the transaction ended. */
-static int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message)
+int txn_upstream_failed(txn_t *t, const char *kind, int status, const char *message)
 {
     txn_env_t *env = t->env;
     /* A pooled connection can die just as it is reused. Sending again is safe
@@ -712,65 +505,15 @@ static int txn_upstream_failed(txn_t *t, const char *kind, int status, const cha
     return txn_fail(t, status, message);
 }
 
-/* Sends the response head to the client, with errord's framing. */
-static void txn_commit(txn_t *t)
-{
-    buf_t b = BUF_INIT;
-
-    t->committed = 1;
-    t->status = t->res->status;
-    if (t->ops->waiting(t->conn) == WAIT_DEADLINE)
-        t->ops->wait(t->conn, WAIT_NONE, 0); /* the answer has begun: no deadline cuts it */
-    frame_response_t o = {
-        .date = txn_date(t->env),
-        .request_id = t->id,
-        .client_version = t->req->version,
-        .keep_alive = txn_wants_more(t),
-    };
-    switch (frame_response_head(&b, t->res, &o)) {
-    case FRAME_BODY_CHUNKED: t->chunk_out = 1; break;
-    case FRAME_BODY_TO_CLOSE: t->close_out = 1; break;
-    case FRAME_BODY_AS_IS: break;
-    }
-    t->keep_alive = o.keep_alive;
-    io_append(t->out, b.data, b.len);
-    buf_free(&b);
-}
-
-/* Whether the upstream connection can take another request after this
- * response: it is complete, nothing followed it, nobody asked to close. */
-static int response_reusable(const txn_t *t, int extra_bytes)
-{
-    const http_head_t *res = t->res;
-    return t->res_done && !extra_bytes && t->end_sent &&
-           !(res->flags & (HTTP_F_BODY_TO_EOF | HTTP_F_CLOSE)) &&
-           (res->version == 11 || (res->flags & HTTP_F_KEEP_ALIVE));
-}
-
 /* The response is complete: end the body and the transaction. */
-static void txn_response_done(txn_t *t, int extra_bytes)
+void txn_response_done(txn_t *t, int extra_bytes)
 {
     if (t->chunk_out)
         io_append(t->out, FRAME_LAST_CHUNK, FRAME_LAST_CHUNK_LEN);
-    int reusable = response_reusable(t, extra_bytes);
+    int reusable = txn_response_reusable(t, extra_bytes);
     attempt_end(t, t->res->status, NULL); /* unless the policy's verdict closed it */
     txn_release_upstream(t, reusable);
     txn_finish(t);
-}
-
-/* Sends response body bytes to the client, framed. */
-static void txn_send_body(txn_t *t, const char *at, size_t n)
-{
-    io_t *out = t->out;
-    if (t->chunk_out) {
-        char line[24];
-        io_append(out, line, frame_chunk_size_line(line, n));
-        io_append(out, at, n);
-        io_append(out, "\r\n", 2);
-    } else {
-        io_append(out, at, n);
-    }
-    t->bytes_out += n;
 }
 
 /* Answers with the policy's respond{} verdict. Returns -1 (the transaction
@@ -807,7 +550,7 @@ static int txn_respond(txn_t *t, const verdict_t *v)
 /* The held response goes to its handler. Returns 0 when the response keeps
  * streaming from the same connection, -1 when the connection was let go
  * (retry, respond, or the response is complete). */
-static int txn_decide(txn_t *t, int extra_bytes)
+int txn_decide(txn_t *t, int extra_bytes)
 {
     policy_input_t in = {
         .req = t->req,
@@ -826,14 +569,14 @@ static int txn_decide(txn_t *t, int extra_bytes)
     note_verdict(a, &v);
     note_seen(t, a, NULL);
     if (v.kind == VERDICT_RETRY) {
-        int reusable = response_reusable(t, extra_bytes);
+        int reusable = txn_response_reusable(t, extra_bytes);
         if (txn_apply_retry(t, a, &v)) {
             verdict_reset(&v);
             txn_release_upstream(t, reusable);
             return -1;
         }
     } else if (v.kind == VERDICT_RESPOND) {
-        txn_release_upstream(t, response_reusable(t, extra_bytes));
+        txn_release_upstream(t, txn_response_reusable(t, extra_bytes));
         txn_respond(t, &v);
         verdict_reset(&v);
         return -1;
@@ -850,148 +593,7 @@ static int txn_decide(txn_t *t, int extra_bytes)
     return 0;
 }
 
-/* ---- upstream events ------------------------------------------------------------ */
-
-static int on_res_head(void *ud, http_head_t *head)
-{
-    upconn_t *u = ud;
-    txn_t *t = u->owner;
-    if (head->status < 200) {
-        http_head_free(head); /* interim: the final response follows */
-        return 0;
-    }
-    t->res = head;
-    if (t->policy != NULL && policy_handles(t->policy, head->status))
-        t->holding = 1; /* its handler decides once the body is in (or too big) */
-    else
-        txn_commit(t);
-    return 0; /* the idle timer is set after this read, if the body goes on */
-}
-
-static int on_res_body(void *ud, const char *at, size_t n)
-{
-    upconn_t *u = ud;
-    txn_t *t = u->owner;
-    if (t->holding) {
-        /* Past body_limit the handler is asked at once (body = nil); until
-         * then at most one more read lands here. */
-        if (buf_append(&t->res_body, at, n) < 0)
-            return -1;
-        if (t->res_body.len > policy_settings(t->policy)->body_limit)
-            t->res_over = 1;
-        return 0;
-    }
-    txn_send_body(t, at, n);
-    return 0;
-}
-
-static int on_res_end(void *ud)
-{
-    upconn_t *u = ud;
-    txn_t *t = u->owner;
-    if (t->res != NULL)
-        t->res_done = 1;
-    return 0;
-}
-
-static const http_handler_t RESPONSE_HANDLER = {on_res_head, on_res_body, on_res_end};
-
-static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
-{
-    upconn_t *u = ((io_t *)s->data)->owner;
-    txn_t *t = u->owner;
-    if (nread == 0)
-        return;
-    if (nread < 0) {
-        if (http_parser_finish(u->parser) == 0 && t->res_done) {
-            if (t->holding)
-                txn_decide(t, 1);
-            else
-                txn_response_done(t, 0);
-            return;
-        }
-        if (t->res == NULL)
-            txn_upstream_failed(t, "reset", 502,
-                                "upstream closed the connection before responding");
-        else
-            txn_upstream_failed(t, "reset", 502, "upstream closed the connection mid-response");
-        return;
-    }
-    const char *data = b->base;
-    size_t n = (size_t)nread;
-    t->res_bytes += n;
-    while (n > 0) {
-        ssize_t used = http_parser_feed(u->parser, data, n);
-        if (used < 0) {
-            const http_error_t *e = http_parser_error(u->parser);
-            log_record_t *r = log_begin(LOG_WARN, "invalid response from upstream");
-            log_str(r, "request_id", t->id);
-            log_str(r, "error", e->message);
-            log_end(r);
-            txn_upstream_failed(t, "protocol", 502, "invalid response from upstream");
-            return;
-        }
-        data += used;
-        n -= (size_t)used;
-        if (!http_parser_ended(u->parser))
-            break;
-        if (!t->res_done) {
-            http_parser_resume(u->parser); /* after an interim response */
-            continue;
-        }
-        if (t->holding)
-            txn_decide(t, n > 0);
-        else
-            txn_response_done(t, n > 0);
-        return;
-    }
-    if (t->holding && t->res_over && txn_decide(t, 0) < 0)
-        return;
-    if (io_pending(t->out) > HIGH_WATER) {
-        /* The client reads slower than the upstream sends: stop reading the
-         * upstream (not its fault now) and time the client instead. */
-        t->up_paused = 1;
-        upconn_pause(u);
-        uv_timer_stop(&u->io.timer);
-        t->ops->wait(t->conn, WAIT_SEND, 0);
-    } else if (t->res != NULL) {
-        up_timer(t, t->env->cfg->upstream_idle_timeout);
-    }
-    txn_flush(t);
-}
-
-static void on_up_timeout(uv_timer_t *timer)
-{
-    upconn_t *u = ((io_t *)timer->data)->owner;
-    txn_t *t = u->owner;
-    const char *why = !t->end_sent     ? "upstream stopped reading the request"
-                      : t->res == NULL ? "upstream did not respond in time"
-                                       : "upstream stalled mid-response";
-    txn_upstream_failed(t, "timeout", 504, why);
-}
-
-static void on_up_drain(io_t *io)
-{
-    upconn_t *u = io->owner;
-    txn_t *t = u->owner;
-    if (!t->end_sent)
-        up_timer(t, t->env->cfg->upstream_idle_timeout);
-    txn_body_backpressure(t);
-}
-
-static void on_up_write_error(io_t *io)
-{
-    upconn_t *u = io->owner;
-    txn_upstream_failed(u->owner, "reset", 502, "upstream connection broke");
-}
-
 /* ---- what the client connection calls ------------------------------------------- */
-
-void txn_upstream_events(upstream_owner_t *o)
-{
-    o->on_read = on_up_read;
-    o->response = &RESPONSE_HANDLER;
-}
 
 int txn_start(txn_env_t *env, policy_t *policy, http_head_t *head, const txn_conn_ops_t *ops,
               void *conn, io_t *out, const char *client_addr, txn_t **out_txn)
@@ -1087,16 +689,6 @@ void txn_wait_over(txn_t *t, txn_wait_t what)
         txn_arm_deadline(t);
         txn_flush(t);
     }
-}
-
-void txn_client_drained(txn_t *t)
-{
-    if (!t->up_paused || t->up == NULL)
-        return;
-    t->up_paused = 0;
-    upconn_resume(t->up);
-    up_timer(t, t->env->cfg->upstream_idle_timeout);
-    t->ops->wait(t->conn, t->req_done ? WAIT_NONE : WAIT_BODY, 0);
 }
 
 void txn_reject(txn_t *t, int status, const char *message)
