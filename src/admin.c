@@ -172,29 +172,7 @@ static int on_head(void *ud, http_head_t *head)
     return 0;
 }
 
-static int on_body(void *ud, const char *at, size_t n)
-{
-    (void)ud;
-    (void)at;
-    (void)n;
-    return 0;
-}
-
-static int on_end(void *ud)
-{
-    (void)ud;
-    return 0;
-}
-
-static const http_handler_t HANDLER = {on_head, on_body, on_end};
-
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
-{
-    (void)h;
-    (void)suggested;
-    static _Thread_local char buf[16384];
-    *b = uv_buf_init(buf, sizeof buf);
-}
+static const http_handler_t HANDLER = {on_head, NULL, NULL};
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
@@ -232,7 +210,7 @@ static void on_connection(uv_stream_t *server, int status)
     if (io_accept(server, &c->io, c, on_conn_closed) < 0)
         return;
     c->parser = http_parser_new(HTTP_PARSE_REQUEST, &a->limits, &HANDLER, c);
-    if (c->parser == NULL || uv_read_start((uv_stream_t *)&c->io.tcp, on_alloc, on_read) < 0) {
+    if (c->parser == NULL || uv_read_start((uv_stream_t *)&c->io.tcp, io_alloc_scratch, on_read) < 0) {
         io_close(&c->io);
         return;
     }

@@ -335,22 +335,26 @@ static int arena_append(http_parser_t *p, const char *at, size_t n)
     return 0;
 }
 
+/* Appends a piece of the target or the reason, which llhttp may hand over
+ * in several: the first piece says where it starts. */
+static int span_append(http_parser_t *p, size_t *off, size_t *len, const char *at, size_t n)
+{
+    if (*len == 0)
+        *off = p->head->arena.len;
+    *len += n;
+    return arena_append(p, at, n);
+}
+
 static int on_url(llhttp_t *ll, const char *at, size_t n)
 {
     http_parser_t *p = parser_of(ll);
-    if (p->head->target_len == 0)
-        p->target_off = p->head->arena.len;
-    p->head->target_len += n;
-    return arena_append(p, at, n);
+    return span_append(p, &p->target_off, &p->head->target_len, at, n);
 }
 
 static int on_status(llhttp_t *ll, const char *at, size_t n)
 {
     http_parser_t *p = parser_of(ll);
-    if (p->head->reason_len == 0)
-        p->reason_off = p->head->arena.len;
-    p->head->reason_len += n;
-    return arena_append(p, at, n);
+    return span_append(p, &p->reason_off, &p->head->reason_len, at, n);
 }
 
 static int on_header_field(llhttp_t *ll, const char *at, size_t n)
@@ -753,7 +757,7 @@ static int on_headers_complete(llhttp_t *ll)
 static int on_body(llhttp_t *ll, const char *at, size_t n)
 {
     http_parser_t *p = parser_of(ll);
-    if (p->h->on_body(p->ud, at, n) < 0)
+    if (p->h->on_body != NULL && p->h->on_body(p->ud, at, n) < 0)
         return user_error(p, 0, "stopped");
     return 0;
 }
@@ -769,7 +773,7 @@ static int on_message_complete(llhttp_t *ll)
 {
     http_parser_t *p = parser_of(ll);
     p->ended = 1;
-    if (p->h->on_end(p->ud) < 0)
+    if (p->h->on_end != NULL && p->h->on_end(p->ud) < 0)
         return user_error(p, 0, "stopped");
     return HPE_PAUSED;
 }

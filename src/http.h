@@ -93,7 +93,8 @@ typedef struct {
 
 /* What a parser tells its owner. Each returns 0 to go on or a negative value
  * to stop parsing (the feed then fails with HTTP status 0 in the error, the
- * owner's own decision). */
+ * owner's own decision). on_body and on_end may be NULL: an owner that only
+ * wants the head is not told of the rest. */
 typedef struct {
     /* A valid head is complete. The head is the callee's from now on (free it
      * with http_head_free()). */

@@ -55,6 +55,14 @@ int io_accept(uv_stream_t *server, io_t *io, void *owner, io_cb on_closed)
     return rc;
 }
 
+void io_alloc_scratch(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+{
+    (void)h;
+    (void)suggested;
+    static _Thread_local char scratch[16384];
+    *b = uv_buf_init(scratch, sizeof scratch);
+}
+
 int io_append(io_t *io, const void *p, size_t n)
 {
     if (io->closing || io->failed)

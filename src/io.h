@@ -52,6 +52,11 @@ int io_init(uv_loop_t *loop, io_t *io, void *owner);
  * which the io is closing (on_closed fires, and then the owner frees). */
 int io_accept(uv_stream_t *server, io_t *io, void *owner, io_cb on_closed);
 
+/* A uv_alloc_cb handing out one 16 KiB buffer per thread, for connections
+ * that consume what they read before the next read (the admin port, the
+ * alert sinks' client). */
+void io_alloc_scratch(uv_handle_t *h, size_t suggested, uv_buf_t *b);
+
 /* Gathers bytes for the next flush. Returns 0 or -ENOMEM. */
 int io_append(io_t *io, const void *p, size_t n);
 
