@@ -64,23 +64,11 @@ void access_note_seen(buf_t *seen, access_attempt_t *a, const policy_settings_t 
     a->seen_len = (uint32_t)(seen->len - start);
 }
 
-/* `,"key":"word"` for a word that needs no escaping. */
-static void put_word(buf_t *b, const char *key, const char *word)
-{
-    buf_lit(b, ",\"");
-    buf_puts(b, key);
-    buf_lit(b, "\":\"");
-    buf_puts(b, word);
-    buf_lit(b, "\"");
-}
-
-static void put_number(buf_t *b, const char *key, uint64_t v)
-{
-    buf_lit(b, ",\"");
-    buf_puts(b, key);
-    buf_lit(b, "\":");
-    buf_put_u64(b, v);
-}
+/* `,"key":"word"` for a word that needs no escaping, and `,"key":n`; `key`
+ * is a literal, so each is two or three appends of known length. */
+#define PUT_WORD(b, key, word) \
+    (buf_lit(b, ",\"" key "\":\""), buf_puts(b, word), buf_lit(b, "\""))
+#define PUT_NUMBER(b, key, v) (buf_lit(b, ",\"" key "\":"), buf_put_u64(b, v))
 
 /* The attempts array of the record. */
 static void put_attempts(buf_t *b, const access_record_t *r)
@@ -91,22 +79,22 @@ static void put_attempts(buf_t *b, const access_record_t *r)
         buf_puts(b, i ? ",{\"attempt\":" : "{\"attempt\":");
         buf_put_u64(b, (uint64_t)i + 1);
         if (at->status)
-            put_number(b, "status", (uint64_t)at->status);
+            PUT_NUMBER(b, "status", (uint64_t)at->status);
         else
-            put_word(b, "error", at->error ? at->error : "aborted");
+            PUT_WORD(b, "error", at->error ? at->error : "aborted");
         buf_lit(b, ",\"duration_ms\":");
         buf_put_ms(b, at->ns);
-        put_word(b, "verdict", verdict_name(at->verdict));
+        PUT_WORD(b, "verdict", verdict_name(at->verdict));
         if (at->reason[0] != '\0')
-            put_word(b, "reason", at->reason);
+            PUT_WORD(b, "reason", at->reason);
         if (at->refused != NULL)
-            put_word(b, "refused", at->refused);
+            PUT_WORD(b, "refused", at->refused);
         if (at->failure != NULL)
-            put_word(b, "policy_error", at->failure);
+            PUT_WORD(b, "policy_error", at->failure);
         if (at->held_ms > 0)
-            put_number(b, "held_ms", at->held_ms);
+            PUT_NUMBER(b, "held_ms", at->held_ms);
         if (at->delay_ms >= 0)
-            put_number(b, "delay_ms", (uint64_t)at->delay_ms);
+            PUT_NUMBER(b, "delay_ms", (uint64_t)at->delay_ms);
         if (at->seen_len > 0)
             buf_append(b, r->seen->data + at->seen_off, at->seen_len);
         buf_lit(b, "}");
@@ -119,32 +107,32 @@ void access_write(const access_record_t *r)
     log_record_t *rec = log_begin(LOG_INFO, NULL);
     if (rec == NULL)
         return;
-    log_str(rec, "type", "access");
-    log_str(rec, "request_id", r->request_id);
-    log_str(rec, "client", r->client);
-    log_str(rec, "method", r->req->method_name);
-    log_strn(rec, "path", r->req->target, r->req->target_len);
-    log_str(rec, "version", r->req->version == 10 ? "HTTP/1.0" : "HTTP/1.1");
-    log_int(rec, "status", r->status);
+    log_kraw(rec, LOG_KEY("type"), "\"access\"", 8);
+    log_kstr(rec, LOG_KEY("request_id"), r->request_id, strlen(r->request_id));
+    log_kstr(rec, LOG_KEY("client"), r->client, strlen(r->client));
+    log_kstr(rec, LOG_KEY("method"), r->req->method_name, strlen(r->req->method_name));
+    log_kstr(rec, LOG_KEY("path"), r->req->target, r->req->target_len);
+    log_kraw(rec, LOG_KEY("version"), r->req->version == 10 ? "\"HTTP/1.0\"" : "\"HTTP/1.1\"", 10);
+    log_kint(rec, LOG_KEY("status"), r->status);
     if (r->upstream_status >= 0)
-        log_int(rec, "upstream_status", r->upstream_status);
+        log_kint(rec, LOG_KEY("upstream_status"), r->upstream_status);
     else
-        log_raw(rec, "upstream_status", "null", 4);
-    log_int(rec, "bytes_in", (int64_t)r->bytes_in);
-    log_int(rec, "bytes_out", (int64_t)r->bytes_out);
-    log_ms(rec, "duration_ms", r->duration_ns);
+        log_kraw(rec, LOG_KEY("upstream_status"), "null", 4);
+    log_kint(rec, LOG_KEY("bytes_in"), (int64_t)r->bytes_in);
+    log_kint(rec, LOG_KEY("bytes_out"), (int64_t)r->bytes_out);
+    log_kms(rec, LOG_KEY("duration_ms"), r->duration_ns);
 
     buf_t b = BUF_INIT;
     put_attempts(&b, r);
-    log_raw(rec, "attempts", b.data, b.len);
-    log_int(rec, "retries", r->retries);
-    log_int(rec, "waited_ms", (int64_t)r->waited_ms);
+    log_kraw(rec, LOG_KEY("attempts"), b.data, b.len);
+    log_kint(rec, LOG_KEY("retries"), r->retries);
+    log_kint(rec, LOG_KEY("waited_ms"), (int64_t)r->waited_ms);
     if (r->policy_sha256 != NULL)
-        log_str(rec, "policy_sha256", r->policy_sha256);
+        log_kstr(rec, LOG_KEY("policy_sha256"), r->policy_sha256, strlen(r->policy_sha256));
     if (r->seen->len > 0) { /* a handler ran: the request it saw, for replays */
         buf_clear(&b);
         json_headers(r->settings, &b, r->req);
-        log_raw(rec, "req_headers", b.data, b.len);
+        log_kraw(rec, LOG_KEY("req_headers"), b.data, b.len);
     }
     buf_free(&b);
     if (r->error != NULL)

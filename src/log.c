@@ -87,11 +87,8 @@ static void key(log_record_t *r, const char *k)
     buf_lit(r->out, "\":");
 }
 
-void log_strn(log_record_t *r, const char *k, const char *value, size_t n)
+static void put_str(log_record_t *r, const char *value, size_t n)
 {
-    if (r == NULL)
-        return;
-    key(r, k);
     if (value == NULL) {
         buf_lit(r->out, "null");
         return;
@@ -99,6 +96,24 @@ void log_strn(log_record_t *r, const char *k, const char *value, size_t n)
     buf_lit(r->out, "\"");
     buf_json_escape(r->out, value, n);
     buf_lit(r->out, "\"");
+}
+
+static void put_int(log_record_t *r, int64_t value)
+{
+    if (value < 0) {
+        buf_append(r->out, "-", 1);
+        buf_put_u64(r->out, (uint64_t)0 - (uint64_t)value);
+    } else {
+        buf_put_u64(r->out, (uint64_t)value);
+    }
+}
+
+void log_strn(log_record_t *r, const char *k, const char *value, size_t n)
+{
+    if (r == NULL)
+        return;
+    key(r, k);
+    put_str(r, value, n);
 }
 
 void log_str(log_record_t *r, const char *k, const char *value)
@@ -111,12 +126,7 @@ void log_int(log_record_t *r, const char *k, int64_t value)
     if (r == NULL)
         return;
     key(r, k);
-    if (value < 0) {
-        buf_append(r->out, "-", 1);
-        buf_put_u64(r->out, (uint64_t)0 - (uint64_t)value);
-    } else {
-        buf_put_u64(r->out, (uint64_t)value);
-    }
+    put_int(r, value);
 }
 
 void log_ms(log_record_t *r, const char *k, uint64_t ns)
@@ -125,6 +135,38 @@ void log_ms(log_record_t *r, const char *k, uint64_t ns)
         return;
     key(r, k);
     buf_put_ms(r->out, ns);
+}
+
+void log_kstr(log_record_t *r, const char *k, size_t k_len, const char *value, size_t n)
+{
+    if (r == NULL)
+        return;
+    buf_append(r->out, k, k_len);
+    put_str(r, value, n);
+}
+
+void log_kint(log_record_t *r, const char *k, size_t k_len, int64_t value)
+{
+    if (r == NULL)
+        return;
+    buf_append(r->out, k, k_len);
+    put_int(r, value);
+}
+
+void log_kms(log_record_t *r, const char *k, size_t k_len, uint64_t ns)
+{
+    if (r == NULL)
+        return;
+    buf_append(r->out, k, k_len);
+    buf_put_ms(r->out, ns);
+}
+
+void log_kraw(log_record_t *r, const char *k, size_t k_len, const char *json, size_t n)
+{
+    if (r == NULL)
+        return;
+    buf_append(r->out, k, k_len);
+    buf_append(r->out, json, n);
 }
 
 void log_double(log_record_t *r, const char *k, double value, int decimals)

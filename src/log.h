@@ -42,6 +42,15 @@ void log_bool(log_record_t *r, const char *key, int value);
 /* Appends `json`, already-encoded JSON text, as the value of `key`. */
 void log_raw(log_record_t *r, const char *key, const char *json, size_t n);
 
+/* The same for a key errord chose itself, encoded by the compiler: pass
+ * LOG_KEY("name") for `k, k_len` (the access record's path writes a dozen
+ * of them per request; no strlen, no escaping). */
+#define LOG_KEY(name) ",\"" name "\":", sizeof(",\"" name "\":") - 1
+void log_kstr(log_record_t *r, const char *k, size_t k_len, const char *value, size_t n);
+void log_kint(log_record_t *r, const char *k, size_t k_len, int64_t value);
+void log_kms(log_record_t *r, const char *k, size_t k_len, uint64_t ns);
+void log_kraw(log_record_t *r, const char *k, size_t k_len, const char *json, size_t n);
+
 /* Finishes the record and queues it (or writes it, outside a loop). */
 void log_end(log_record_t *r);
 
