@@ -38,6 +38,7 @@ int admin_address(admin_t *a, char *out, size_t n);
  * closed. */
 void admin_close(admin_t *a, void (*done)(void *arg), void *arg);
 
+/* Frees the admin port after admin_close()'s `done` fired. NULL is fine. */
 void admin_free(admin_t *a);
 
 #endif

@@ -115,6 +115,7 @@ typedef struct http_parser_s http_parser_t;
 http_parser_t *http_parser_new(http_parse_kind_t kind, const http_limits_t *limits,
                                const http_handler_t *h, void *ud);
 
+/* Frees the parser and a head it is still reading. NULL is fine. */
 void http_parser_free(http_parser_t *p);
 
 /* Feeds `n` bytes. Returns how many were consumed: all of them, or fewer when

@@ -32,12 +32,16 @@ int log_enabled(log_level_t level);
 /* Starts a record with "time", "level" and "msg" (when msg is not NULL). */
 log_record_t *log_begin(log_level_t level, const char *msg);
 
+/* Each appends the field `key` (escaped: a policy chooses keys too) to the
+ * record `r` (NULL: nothing): a string (NULL is written as null), `n`
+ * bytes of one, an integer, a number with `decimals` decimals. */
 void log_str(log_record_t *r, const char *key, const char *value);
 void log_strn(log_record_t *r, const char *key, const char *value, size_t n);
 void log_int(log_record_t *r, const char *key, int64_t value);
 void log_double(log_record_t *r, const char *key, double value, int decimals);
 /* `ns` nanoseconds as milliseconds with three decimals. */
 void log_ms(log_record_t *r, const char *key, uint64_t ns);
+/* true or false. */
 void log_bool(log_record_t *r, const char *key, int value);
 /* Appends `json`, already-encoded JSON text, as the value of `key`. */
 void log_raw(log_record_t *r, const char *key, const char *json, size_t n);

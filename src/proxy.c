@@ -14,6 +14,7 @@
 #include "list.h"
 #include "log.h"
 #include "metrics.h"
+#include "policy.h"
 #include "rand.h"
 #include "txn.h"
 #include "upstream.h"

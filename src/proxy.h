@@ -6,7 +6,6 @@
 #define ERRORD_PROXY_H
 
 #include "config.h"
-#include "policy.h"
 
 #include <stdatomic.h>
 #include <uv.h>
@@ -17,6 +16,7 @@ typedef struct {
 } proxy_shared_t;
 
 typedef struct proxy_s proxy_t;
+typedef struct policy_s policy_t; /* policy.h */
 
 /* Creates the proxy of `loop`, running `policy` (NULL: none), an instance
  * of its own: a Lua state belongs to one loop. The proxy takes a reference.

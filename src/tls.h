@@ -40,10 +40,12 @@ int tls_handshake(tls_conn_t *c);
 /* Ciphertext received from the peer. Returns 0 or -1 (out of memory). */
 int tls_feed(tls_conn_t *c, const char *data, size_t n);
 
+/* tls_read(): the peer closed the session. */
+#define TLS_CLOSED (-2)
+
 /* Plaintext received: up to n bytes into out. Returns the count, 0 when
  * more ciphertext is needed, TLS_CLOSED when the peer closed the session,
  * or -1 on an error (see tls_error()). */
-#define TLS_CLOSED (-2)
 ssize_t tls_read(tls_conn_t *c, char *out, size_t n);
 
 /* Encrypts plaintext (after the handshake). Returns 0 or -1. */

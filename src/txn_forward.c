@@ -17,7 +17,7 @@ static void on_up_timeout(uv_timer_t *timer);
 
 static void up_timer(txn_t *t, uint64_t ms)
 {
-    uv_timer_start(&t->up->io.timer, on_up_timeout, ms, 0);
+    uv_timer_start(&upconn_io(t->up)->timer, on_up_timeout, ms, 0);
 }
 
 /* The upstream connection is ready: send the request (what has arrived).
@@ -27,10 +27,11 @@ static int txn_up_ready(txn_t *t)
     upconn_t *u = t->up;
     txn_env_t *env = t->env;
     t->up_ready = 1;
-    u->io.on_drain = on_up_drain;
-    u->io.on_error = on_up_write_error;
-    http_parser_set_head_request(u->parser, t->req->method == HTTP_M_HEAD);
-    io_append(&u->io, t->head.data, t->head.len);
+    io_t *io = upconn_io(u);
+    io->on_drain = on_up_drain;
+    io->on_error = on_up_write_error;
+    http_parser_set_head_request(upconn_parser(u), t->req->method == HTTP_M_HEAD);
+    io_append(io, t->head.data, t->head.len);
     txn_pump(t); /* a request that is all here starts the first-byte timer */
     if (!t->end_sent)
         up_timer(t, env->cfg->upstream_idle_timeout);
@@ -42,7 +43,7 @@ static int txn_up_ready(txn_t *t)
 
 static void on_up_ready(upconn_t *u, int status)
 {
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
     if (status == UPSTREAM_ETLS) {
         snprintf(t->tls_error, sizeof t->tls_error, "TLS handshake with the upstream failed: %s",
                  upconn_tls_error(u));
@@ -96,7 +97,7 @@ void txn_pump(txn_t *t)
 {
     if (!t->up_ready || t->end_sent)
         return;
-    io_t *io = &t->up->io;
+    io_t *io = upconn_io(t->up);
     size_t n = t->body.len - t->body_fwd;
     if (n > 0) {
         if (t->req->flags & HTTP_F_CHUNKED) {
@@ -128,7 +129,7 @@ void txn_body_backpressure(txn_t *t)
 {
     if (t->req_done)
         return;
-    size_t waiting = t->up_ready ? io_pending(&t->up->io) : t->body.len - t->body_fwd;
+    size_t waiting = t->up_ready ? io_pending(upconn_io(t->up)) : t->body.len - t->body_fwd;
     int on = waiting <= HIGH_WATER;
     if (on == t->ops->reading(t->conn))
         return;
@@ -142,7 +143,7 @@ void txn_body_backpressure(txn_t *t)
  * ended because a connection broke. */
 int txn_flush(txn_t *t)
 {
-    if (t->up != NULL && io_flush(&t->up->io) < 0)
+    if (t->up != NULL && io_flush(upconn_io(t->up)) < 0)
         return txn_upstream_failed(t, "reset", 502, "upstream connection broke");
     if (io_flush(t->out) < 0) {
         t->ops->abort(t->conn, "client connection broke");
@@ -209,7 +210,7 @@ void txn_send_body(txn_t *t, const char *at, size_t n)
 static int on_res_head(void *ud, http_head_t *head)
 {
     upconn_t *u = ud;
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
     if (head->status < 200) {
         http_head_free(head); /* interim: the final response follows */
         return 0;
@@ -225,7 +226,7 @@ static int on_res_head(void *ud, http_head_t *head)
 static int on_res_body(void *ud, const char *at, size_t n)
 {
     upconn_t *u = ud;
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
     if (t->holding) {
         /* Past body_limit the handler is asked at once (body = nil); until
          * then at most one more read lands here. */
@@ -242,7 +243,7 @@ static int on_res_body(void *ud, const char *at, size_t n)
 static int on_res_end(void *ud)
 {
     upconn_t *u = ud;
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
     if (t->res != NULL)
         t->res_done = 1;
     return 0;
@@ -253,11 +254,12 @@ static const http_handler_t RESPONSE_HANDLER = {on_res_head, on_res_body, on_res
 static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     upconn_t *u = ((io_t *)s->data)->owner;
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
+    http_parser_t *parser = upconn_parser(u);
     if (nread == 0)
         return;
     if (nread < 0) {
-        if (http_parser_finish(u->parser) == 0 && t->res_done) {
+        if (http_parser_finish(parser) == 0 && t->res_done) {
             if (t->holding)
                 txn_decide(t, 1);
             else
@@ -275,9 +277,9 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     size_t n = (size_t)nread;
     t->res_bytes += n;
     while (n > 0) {
-        ssize_t used = http_parser_feed(u->parser, data, n);
+        ssize_t used = http_parser_feed(parser, data, n);
         if (used < 0) {
-            const http_error_t *e = http_parser_error(u->parser);
+            const http_error_t *e = http_parser_error(parser);
             log_record_t *r = log_begin(LOG_WARN, "invalid response from upstream");
             log_str(r, "request_id", t->id);
             log_str(r, "error", e->message);
@@ -287,10 +289,10 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         }
         data += used;
         n -= (size_t)used;
-        if (!http_parser_ended(u->parser))
+        if (!http_parser_ended(parser))
             break;
         if (!t->res_done) {
-            http_parser_resume(u->parser); /* after an interim response */
+            http_parser_resume(parser); /* after an interim response */
             continue;
         }
         if (t->holding)
@@ -306,7 +308,7 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
          * upstream (not its fault now) and time the client instead. */
         t->up_paused = 1;
         upconn_pause(u);
-        uv_timer_stop(&u->io.timer);
+        uv_timer_stop(&upconn_io(u)->timer);
         t->ops->wait(t->conn, WAIT_SEND, 0);
     } else if (t->res != NULL) {
         up_timer(t, t->env->cfg->upstream_idle_timeout);
@@ -317,7 +319,7 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 static void on_up_timeout(uv_timer_t *timer)
 {
     upconn_t *u = ((io_t *)timer->data)->owner;
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
     const char *why = !t->end_sent     ? "upstream stopped reading the request"
                       : t->res == NULL ? "upstream did not respond in time"
                                        : "upstream stalled mid-response";
@@ -327,7 +329,7 @@ static void on_up_timeout(uv_timer_t *timer)
 static void on_up_drain(io_t *io)
 {
     upconn_t *u = io->owner;
-    txn_t *t = u->owner;
+    txn_t *t = upconn_owner(u);
     if (!t->end_sent)
         up_timer(t, t->env->cfg->upstream_idle_timeout);
     txn_body_backpressure(t);
@@ -336,7 +338,7 @@ static void on_up_drain(io_t *io)
 static void on_up_write_error(io_t *io)
 {
     upconn_t *u = io->owner;
-    txn_upstream_failed(u->owner, "reset", 502, "upstream connection broke");
+    txn_upstream_failed(upconn_owner(u), "reset", 502, "upstream connection broke");
 }
 
 

@@ -2,12 +2,29 @@
 #include "upstream.h"
 
 #include "clock.h"
+#include "list.h"
 #include "log.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+struct upconn_s {
+    io_t io;
+    upstream_t *up;
+    list_t link;
+    void *owner;            /* the lessee, NULL when idle */
+    upconn_ready_cb on_ready;
+    http_parser_t *parser;  /* responses on this connection */
+    uint64_t served;        /* responses completed on it */
+    uv_connect_t connect_req;
+    int state;
+    int fail_status; /* a connect failure waiting to be reported */
+    int paused;      /* reading stopped by the lessee */
+    int tried;       /* addresses tried by this connect */
+    int addr;        /* the one it tries now */
+};
 
 /* Resolved addresses are refreshed in the background after this long. */
 #define RESOLVE_TTL_MS 30000
@@ -466,4 +483,19 @@ void upstream_free(upstream_t *u)
 {
     tls_ctx_free(u->tls);
     free(u);
+}
+
+io_t *upconn_io(upconn_t *c)
+{
+    return &c->io;
+}
+
+http_parser_t *upconn_parser(upconn_t *c)
+{
+    return c->parser;
+}
+
+void *upconn_owner(const upconn_t *c)
+{
+    return c->owner;
 }

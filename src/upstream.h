@@ -11,7 +11,6 @@
 #include "config.h"
 #include "http.h"
 #include "io.h"
-#include "list.h"
 
 #include <uv.h>
 
@@ -24,23 +23,10 @@ typedef struct upconn_s upconn_t;
 #define UPSTREAM_ETLS (-20001)
 typedef void (*upconn_ready_cb)(upconn_t *c, int status);
 
-struct upconn_s {
-    io_t io;
-    upstream_t *up;
-    list_t link;
-    void *owner;            /* the lessee, NULL when idle */
-    upconn_ready_cb on_ready;
-    http_parser_t *parser;  /* responses on this connection */
-    uint64_t served;        /* responses completed on it */
-    uv_connect_t connect_req;
-    int state;
-    int fail_status; /* a connect failure waiting to be reported */
-    int paused;      /* reading stopped by the lessee */
-    int tried;       /* addresses tried by this connect */
-    int addr;        /* the one it tries now */
-};
 
-/* What the owner of a leased connection is told, and how errord reads. */
+/* What the owner of a leased connection is told, and how errord reads. A
+ * read callback's stream->data is the connection's io_t, whose owner is
+ * the upconn_t. */
 typedef struct {
     uv_alloc_cb alloc;  /* read buffers, for every connection */
     uv_read_cb on_read; /* bytes or EOF on a leased connection; stream->data is its io_t */
@@ -68,6 +54,17 @@ void upstream_release(upconn_t *c, int reusable);
  * leased or pooled, so that reuse costs no system call. */
 void upconn_pause(upconn_t *c);
 void upconn_resume(upconn_t *c);
+
+/* The connection's io: its TCP handle, its timer (the lessee's while
+ * leased) and its output. */
+io_t *upconn_io(upconn_t *c);
+
+/* The parser of the responses on the connection; its callbacks get the
+ * upconn_t as their user data. */
+http_parser_t *upconn_parser(upconn_t *c);
+
+/* The lessee given to upstream_lease(), NULL while the connection is idle. */
+void *upconn_owner(const upconn_t *c);
 
 /* Why the TLS handshake failed ("certificate has expired", ...). */
 const char *upconn_tls_error(const upconn_t *c);
