@@ -16,6 +16,7 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "lua_version.h"
 #include "metrics.h"
 #include "notify.h"
 #include "policy.h"
@@ -582,6 +583,7 @@ static void route_metrics(void *arg, const http_head_t *req, admin_reply_t *repl
     const reload_state_t *st = &control.reload;
     metrics_control_t m = {
         .version = ERRORD_VERSION,
+        .lua_version = lua_version_string(),
         .policy_path = control.policy != NULL ? control.policy_path : NULL,
         .policy_sha256 = control.policy != NULL ? policy_sha256(control.policy) : NULL,
         .policy_loaded_ms = control.policy != NULL ? policy_loaded_at(control.policy) : 0,

@@ -95,6 +95,7 @@ void metrics_retry(const char *reason);
 /* What the control loop knows that the scrape shows. */
 typedef struct {
     const char *version;
+    const char *lua_version;     /* lua_version_string() */
     const char *policy_path;     /* NULL without a policy */
     const char *policy_sha256;
     int64_t policy_loaded_ms;
