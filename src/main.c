@@ -515,7 +515,10 @@ static void route_alerts(void *arg, const http_head_t *req, admin_reply_t *reply
 {
     (void)arg;
     (void)req;
-    sinks_state_json(control.sinks, &reply->body);
+    if (sinks_state_json(control.sinks, &reply->body) < 0)
+        reply->status = 500;
+    else
+        buf_lit(&reply->body, "\n");
 }
 
 static void route_policy(void *arg, const http_head_t *req, admin_reply_t *reply)

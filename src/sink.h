@@ -34,8 +34,9 @@ sinks_t *sinks_new(uv_loop_t *loop, const policy_settings_t *settings, const cha
 int sinks_update(sinks_t *s, const policy_settings_t *settings);
 
 /* Appends the JSON of the firing alerts and of each sink's delivery state,
- * {"alerts":[...],"sinks":[...]}, to `out`. */
-void sinks_state_json(sinks_t *s, buf_t *out);
+ * {"alerts":[...],"sinks":[...]}, to `out`; `s` may be NULL (no sinks).
+ * Returns 0, or -ENOMEM with `out` unchanged. */
+int sinks_state_json(sinks_t *s, buf_t *out);
 
 /* Appends the sinks' metrics in the Prometheus text format. */
 void sinks_metrics(sinks_t *s, buf_t *out);
