@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 #include <uv.h>
 
 typedef enum { OPT_STR, OPT_BOOL, OPT_DURATION, OPT_SIZE, OPT_COUNT } opt_kind_t;
@@ -411,6 +412,46 @@ int config_parse(config_t *c, int argc, char **argv, char *err, size_t errlen)
             return -1;
     }
     return check(c, err, errlen) < 0 ? -1 : CONFIG_RUN;
+}
+
+static int copy_path(const char *found, char **path, char *err, size_t errlen)
+{
+    *path = strdup(found);
+    if (*path == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+int config_policy_path(const config_t *c, char **path, char *err, size_t errlen)
+{
+    const char *given = c->policy;
+    *path = NULL;
+    if (given != NULL && (strcmp(given, "off") == 0 || strcmp(given, "none") == 0))
+        return 0;
+    if (given != NULL)
+        return copy_path(given, path, err, errlen);
+    /* A build tree: errord or build/errord or build/asan/errord */
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 32);
+    for (int up = 0; n > 0 && up < 3; up++) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash == NULL)
+            break;
+        n = slash - exe;
+        strcpy(slash + 1, "lua/default.lua");
+        if (access(exe, R_OK) == 0)
+            return copy_path(exe, path, err, errlen);
+        exe[n] = '\0'; /* the directory; its parent next */
+    }
+    if (access(ERRORD_DATADIR "/default.lua", R_OK) == 0)
+        return copy_path(ERRORD_DATADIR "/default.lua", path, err, errlen);
+    snprintf(err, errlen, "no default policy at lua/default.lua next to errord nor at %s; "
+                          "give --policy FILE, or --policy off to run without one",
+             ERRORD_DATADIR "/default.lua");
+    return -1;
 }
 
 void config_free(config_t *c)

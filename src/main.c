@@ -193,44 +193,6 @@ static void on_worker_done(uv_async_t *a)
     uv_close((uv_handle_t *)&control.worker_done, NULL);
 }
 
-/* The policy file to run: --policy, else lua/default.lua next to the binary
- * (a build tree) or in the install's data directory. NULL for "off". */
-static int resolve_policy(char **path, char *err, size_t errlen)
-{
-    const char *given = control.cfg.policy;
-    *path = NULL;
-    if (given != NULL && (strcmp(given, "off") == 0 || strcmp(given, "none") == 0))
-        return 0;
-    if (given != NULL) {
-        *path = strdup(given);
-        return 0;
-    }
-    /* A build tree: errord or build/errord or build/asan/errord */
-    char exe[4096];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 32);
-    for (int up = 0; n > 0 && up < 3; up++) {
-        exe[n] = '\0';
-        char *slash = strrchr(exe, '/');
-        if (slash == NULL)
-            break;
-        n = slash - exe;
-        strcpy(slash + 1, "lua/default.lua");
-        if (access(exe, R_OK) == 0) {
-            *path = strdup(exe);
-            return 0;
-        }
-        exe[n] = '\0'; /* the directory; its parent next */
-    }
-    if (access(ERRORD_DATADIR "/default.lua", R_OK) == 0) {
-        *path = strdup(ERRORD_DATADIR "/default.lua");
-        return 0;
-    }
-    snprintf(err, errlen, "no default policy at lua/default.lua next to errord nor at %s; "
-                          "give --policy FILE, or --policy off to run without one",
-             ERRORD_DATADIR "/default.lua");
-    return -1;
-}
-
 /* ---- loading and reloading the policy ---------------------------------------------- */
 
 static void collect_failed_test(const policy_test_result_t *r, void *arg)
@@ -831,7 +793,7 @@ int main(int argc, char **argv)
             log_end(r);
         }
     }
-    if (resolve_policy(&control.policy_path, err, sizeof err) < 0) {
+    if (config_policy_path(&control.cfg, &control.policy_path, err, sizeof err) < 0) {
         fprintf(stderr, "errord: %s\n", err);
         config_free(&control.cfg);
         return 2;

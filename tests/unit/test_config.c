@@ -611,3 +611,26 @@ TEST(config_parse_addr_rejects)
             test_fail(__FILE__, __LINE__, "\"%s\" accepted", bad[i]);
     }
 }
+
+/* ---- config_policy_path: which policy file errord runs ---------------------------- */
+
+TEST(config_policy_path_given_or_off)
+{
+    clear_env();
+    config_t c;
+    char err[256] = "";
+    char *path = NULL;
+    char *given[] = {"errord", "--upstream", "http://127.0.0.1:8081", "--policy", "/etc/p.lua"};
+    ASSERT_EQ(config_parse(&c, ARGC(given), given, err, sizeof err), CONFIG_RUN);
+    ASSERT_EQ(config_policy_path(&c, &path, err, sizeof err), 0);
+    ASSERT(path != NULL);
+    ASSERT_STR(path, "/etc/p.lua");
+    free(path);
+    config_free(&c);
+    char *off[] = {"errord", "--upstream", "http://127.0.0.1:8081", "--policy", "off"};
+    ASSERT_EQ(config_parse(&c, ARGC(off), off, err, sizeof err), CONFIG_RUN);
+    path = (char *)"not reset";
+    ASSERT_EQ(config_policy_path(&c, &path, err, sizeof err), 0);
+    ASSERT(path == NULL);
+    config_free(&c);
+}
