@@ -38,14 +38,16 @@ int sinks_update(sinks_t *s, const policy_settings_t *settings);
  * Returns 0, or -ENOMEM with `out` unchanged. */
 int sinks_state_json(sinks_t *s, buf_t *out);
 
-/* Appends the sinks' metrics in the Prometheus text format. */
+/* Appends the sinks' metrics to `out` in the Prometheus text format; `s`
+ * may be NULL (no sinks). */
 void sinks_metrics(sinks_t *s, buf_t *out);
 
 /* Sends what is due now and waits for the queues to empty, for at most
- * `timeout_ms`; then closes everything and calls `done`. */
+ * `timeout_ms`; then closes everything and calls `done` (when not NULL). */
 void sinks_close(sinks_t *s, uint64_t timeout_ms, void (*done)(void *arg), void *arg);
 
-/* Frees the sinks after `done` fired. */
+/* Frees the sinks, after sinks_close()'s `done` fired or after their loop
+ * ran to its end. NULL is fine. */
 void sinks_free(sinks_t *s);
 
 #endif
