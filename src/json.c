@@ -67,8 +67,15 @@ static void spoil(cJSON *container, cJSON *item)
 
 void json_add(cJSON *obj, const char *key, cJSON *item)
 {
-    if (obj == NULL || item == NULL || !cJSON_AddItemToObject(obj, key, item))
+    size_t n = strlen(key);
+    int is_text = buf_text_span(key, n) == n;
+    cJSON *made = is_text ? NULL : json_text(key, n); /* a key must be text too */
+    if (made != NULL)
+        key = made->valuestring;
+    if (obj == NULL || item == NULL || (!is_text && made == NULL) ||
+        !cJSON_AddItemToObject(obj, key, item))
         spoil(obj, item);
+    cJSON_Delete(made);
 }
 
 void json_push(cJSON *arr, cJSON *item)

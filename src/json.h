@@ -34,7 +34,7 @@ cJSON *json_time(int64_t ms);
 cJSON *json_lines(const char *text, size_t n);
 
 /* Adds `item` (taken over, NULL allowed) to the object `obj` as `key`
- * (copied). When `item` is NULL or
+ * (copied, and made into text like json_text()). When `item` is NULL or
  * cannot be added, it is deleted and `obj` is marked so that it does not
  * render. Does nothing but delete `item` when `obj` is NULL. */
 void json_add(cJSON *obj, const char *key, cJSON *item);

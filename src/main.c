@@ -72,13 +72,13 @@ static void on_signal(uv_signal_t *s, int signum)
         workers_abort(control.workers);
         return;
     }
-    workers_drain(control.workers);
     notify("STOPPING=1");
     log_record_t *r = log_begin(LOG_INFO, "stopping: draining in-flight requests");
     log_str(r, "signal", strsignal(signum));
     log_int(r, "drain_timeout_ms", (int64_t)control.cfg.drain_timeout);
     log_end(r);
     uv_timer_start(&control.drain_timer, on_drain_timeout, control.cfg.drain_timeout, 0);
+    workers_drain(control.workers);
 }
 
 /* The proxies are done, so every alert is in: flush them, then close the
