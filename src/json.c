@@ -4,6 +4,9 @@
 #include "clock.h"
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 cJSON *json_text(const char *s, size_t n)
@@ -35,6 +38,20 @@ cJSON *json_str(const char *s)
         return cJSON_CreateNull();
     size_t n = strlen(s);
     return buf_text_span(s, n) == n ? cJSON_CreateString(s) : json_text(s, n);
+}
+
+cJSON *json_printf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *text = NULL;
+    int n = vasprintf(&text, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return NULL; /* and `text` is undefined */
+    cJSON *node = json_text(text, (size_t)n);
+    free(text);
+    return node;
 }
 
 cJSON *json_time(int64_t ms)

@@ -23,6 +23,11 @@ cJSON *json_text(const char *s, size_t n);
  * The caller owns the node; NULL when out of memory. */
 cJSON *json_str(const char *s);
 
+/* Returns a new JSON string of the printf-style text `fmt` makes, made
+ * into text like json_text(). The caller owns the node; NULL when out of
+ * memory. */
+cJSON *json_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* Returns a new JSON string of `ms` (Unix epoch milliseconds) in RFC 3339,
  * "2026-11-25T15:33:33.123Z". The caller owns the node; NULL when out of
  * memory. */

@@ -9,7 +9,6 @@
 #include "metrics.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -266,21 +265,6 @@ static const char *pagerduty_severity(const char *s)
         if (strcmp(s, ok[i]) == 0)
             return s;
     return "warning";
-}
-
-/* A JSON string of printf-style text. */
-static cJSON *json_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static cJSON *json_printf(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char *text = NULL;
-    int n = vasprintf(&text, fmt, ap);
-    va_end(ap);
-    cJSON *node = n >= 0 ? json_text(text, (size_t)n) : NULL;
-    free(text);
-    return node;
 }
 
 static cJSON *pagerduty_event(const sink_t *k, const alert_info_t *a, int resolved)

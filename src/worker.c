@@ -2,6 +2,7 @@
 #include "worker.h"
 
 #include "log.h"
+#include "proxy.h"
 
 #include <errno.h>
 #include <stdatomic.h>

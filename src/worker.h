@@ -8,7 +8,6 @@
 
 #include "config.h"
 #include "policy.h"
-#include "proxy.h"
 
 #include <stddef.h>
 #include <uv.h>
