@@ -29,7 +29,7 @@ int64_t alert_fire(const alert_event_t *ev, int64_t now_ms);
 /* How many times alert_fire() was called. Thread-safe. */
 uint64_t alert_events(void);
 
-/* How many distinct alerts are in the table. */
+/* How many distinct alerts are in the table. Thread-safe. */
 size_t alert_count(void);
 
 /* A copy of one alert, for the sinks and the admin port. */
@@ -50,6 +50,7 @@ typedef struct {
  * alert_snapshot_free()). Returns 0 or -ENOMEM. Thread-safe. */
 int alert_snapshot(alert_info_t **out, size_t *n);
 
+/* Frees the `n` copies at `a` that alert_snapshot() made. NULL is fine. */
 void alert_snapshot_free(alert_info_t *a, size_t n);
 
 /* Removes the alert `key` if it has had no event since `last_ms` (it is

@@ -3,10 +3,10 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 #include <uv.h>
 
 typedef enum { OPT_STR, OPT_BOOL, OPT_DURATION, OPT_SIZE, OPT_COUNT } opt_kind_t;
@@ -77,17 +77,6 @@ static const option_t OPTIONS[] = {
 };
 
 #define N_OPTIONS (sizeof OPTIONS / sizeof *OPTIONS)
-
-static void errf(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void errf(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 int config_parse_duration(const char *s, uint64_t *ms)
 {
@@ -187,20 +176,20 @@ static int parse_upstream(config_t *c, char *err, size_t errlen)
     const char *u = c->upstream;
     c->upstream_tls = strncasecmp(u, "https://", 8) == 0;
     if (!c->upstream_tls && strncasecmp(u, "http://", 7) != 0) {
-        errf(err, errlen, "--upstream %s: expected http://HOST[:PORT] or https://HOST[:PORT]", u);
+        snprintf(err, errlen, "--upstream %s: expected http://HOST[:PORT] or https://HOST[:PORT]", u);
         return -1;
     }
     const int default_port = c->upstream_tls ? 443 : 80;
     const char *h = u + (c->upstream_tls ? 8 : 7), *end = h + strcspn(h, "/?#");
     if (*end != '\0' && strcmp(end, "/") != 0) {
-        errf(err, errlen, "--upstream %s: a path is not supported, give http://HOST[:PORT]", u);
+        snprintf(err, errlen, "--upstream %s: a path is not supported, give http://HOST[:PORT]", u);
         return -1;
     }
     const char *hend, *port = NULL;
     if (*h == '[') {
         hend = memchr(h, ']', (size_t)(end - h));
         if (hend == NULL) {
-            errf(err, errlen, "--upstream %s: unterminated IPv6 address", u);
+            snprintf(err, errlen, "--upstream %s: unterminated IPv6 address", u);
             return -1;
         }
         if (hend + 1 < end && hend[1] == ':')
@@ -245,7 +234,7 @@ static int parse_upstream(config_t *c, char *err, size_t errlen)
     c->upstream_authority = strdup(auth);
     return 0;
 bad:
-    errf(err, errlen, "--upstream %s: expected %s://HOST[:PORT]", u,
+    snprintf(err, errlen, "--upstream %s: expected %s://HOST[:PORT]", u,
          c->upstream_tls ? "https" : "http");
     return -1;
 }
@@ -278,12 +267,12 @@ static int set_option(config_t *c, const option_t *o, const char *value, const c
     case OPT_DURATION:
         if (config_parse_duration(value, field) == 0)
             return 0;
-        errf(err, errlen, "%s %s: expected a duration such as 500ms, 10s or 2m", from, value);
+        snprintf(err, errlen, "%s %s: expected a duration such as 500ms, 10s or 2m", from, value);
         return -1;
     case OPT_SIZE:
         if (config_parse_size(value, field) == 0)
             return 0;
-        errf(err, errlen, "%s %s: expected a size such as 512, 8KiB or 1MiB", from, value);
+        snprintf(err, errlen, "%s %s: expected a size such as 512, 8KiB or 1MiB", from, value);
         return -1;
     case OPT_COUNT: {
         char *end;
@@ -298,7 +287,7 @@ static int set_option(config_t *c, const option_t *o, const char *value, const c
         return 0;
     }
     }
-    errf(err, errlen, "%s %s: invalid value", from, value);
+    snprintf(err, errlen, "%s %s: invalid value", from, value);
     return -1;
 }
 
@@ -313,12 +302,12 @@ static const option_t *find_option(const char *name, size_t n)
 static int check(config_t *c, char *err, size_t errlen)
 {
     if (config_parse_addr(c->listen, &c->listen_addr) < 0) {
-        errf(err, errlen, "--listen %s: expected ADDR:PORT, such as 127.0.0.1:8080", c->listen);
+        snprintf(err, errlen, "--listen %s: expected ADDR:PORT, such as 127.0.0.1:8080", c->listen);
         return -1;
     }
     c->admin_enabled = strcmp(c->admin, "off") != 0;
     if (c->admin_enabled && config_parse_addr(c->admin, &c->admin_addr) < 0) {
-        errf(err, errlen, "--admin %s: expected ADDR:PORT, such as 127.0.0.1:9901, or off",
+        snprintf(err, errlen, "--admin %s: expected ADDR:PORT, such as 127.0.0.1:9901, or off",
              c->admin);
         return -1;
     }
@@ -327,51 +316,51 @@ static int check(config_t *c, char *err, size_t errlen)
         for (const char *t = c->admin_token; ok && *t; t++)
             ok = *t > 0x20 && *t < 0x7f;
         if (!ok) {
-            errf(err, errlen, "--admin-token: expected printable characters without spaces");
+            snprintf(err, errlen, "--admin-token: expected printable characters without spaces");
             return -1;
         }
     }
     if (c->upstream == NULL || c->upstream[0] == '\0') {
-        errf(err, errlen, "--upstream is required (or ERRORD_UPSTREAM), e.g. "
+        snprintf(err, errlen, "--upstream is required (or ERRORD_UPSTREAM), e.g. "
                           "--upstream http://127.0.0.1:8081");
         return -1;
     }
     if (parse_upstream(c, err, errlen) < 0)
         return -1;
     if (!c->upstream_tls && (c->upstream_ca != NULL || c->upstream_insecure)) {
-        errf(err, errlen, "--upstream-ca and --upstream-insecure need an https:// --upstream");
+        snprintf(err, errlen, "--upstream-ca and --upstream-insecure need an https:// --upstream");
         return -1;
     }
     if (c->upstream_ca != NULL) {
         FILE *f = fopen(c->upstream_ca, "r");
         if (f == NULL) {
-            errf(err, errlen, "--upstream-ca %s: %s", c->upstream_ca, strerror(errno));
+            snprintf(err, errlen, "--upstream-ca %s: %s", c->upstream_ca, strerror(errno));
             return -1;
         }
         fclose(f);
     }
     if (log_level_parse(c->log_level_name, &c->log_level) < 0) {
-        errf(err, errlen, "--log-level %s: expected debug, info, warn or error",
+        snprintf(err, errlen, "--log-level %s: expected debug, info, warn or error",
              c->log_level_name);
         return -1;
     }
     if (c->workers < 1 || c->workers > 64) {
-        errf(err, errlen, "--workers %d: expected 1 to 64", c->workers);
+        snprintf(err, errlen, "--workers %d: expected 1 to 64", c->workers);
         return -1;
     }
     if (c->max_connections < 1) {
-        errf(err, errlen, "--max-connections must be at least 1");
+        snprintf(err, errlen, "--max-connections must be at least 1");
         return -1;
     }
     if (c->max_request_line < 64 || c->max_header_size < c->max_request_line) {
-        errf(err, errlen, "--max-request-line must be at least 64 bytes and at most "
+        snprintf(err, errlen, "--max-request-line must be at least 64 bytes and at most "
                           "--max-header-size");
         return -1;
     }
     if (c->client_header_timeout == 0 || c->client_idle_timeout == 0 ||
         c->connect_timeout == 0 || c->first_byte_timeout == 0 ||
         c->upstream_idle_timeout == 0 || c->upstream_keepalive_timeout == 0) {
-        errf(err, errlen, "timeouts must be greater than zero");
+        snprintf(err, errlen, "timeouts must be greater than zero");
         return -1;
     }
     return 0;
@@ -397,14 +386,14 @@ int config_parse(config_t *c, int argc, char **argv, char *err, size_t errlen)
         if (strcmp(a, "--version") == 0 || strcmp(a, "-V") == 0)
             return CONFIG_VERSION;
         if (strncmp(a, "--", 2) != 0) {
-            errf(err, errlen, "unexpected argument '%s' (see errord --help)", a);
+            snprintf(err, errlen, "unexpected argument '%s' (see errord --help)", a);
             return -1;
         }
         const char *name = a + 2, *eq = strchr(name, '=');
         size_t n = eq ? (size_t)(eq - name) : strlen(name);
         const option_t *o = find_option(name, n);
         if (o == NULL) {
-            errf(err, errlen, "unknown option '%.*s' (see errord --help)", (int)(n + 2), a);
+            snprintf(err, errlen, "unknown option '%.*s' (see errord --help)", (int)(n + 2), a);
             return -1;
         }
         const char *value = eq ? eq + 1 : NULL;
@@ -412,7 +401,7 @@ int config_parse(config_t *c, int argc, char **argv, char *err, size_t errlen)
             value = "1";
         if (value == NULL) {
             if (i + 1 >= argc) {
-                errf(err, errlen, "--%s needs a value (%s)", o->flag, o->arg);
+                snprintf(err, errlen, "--%s needs a value (%s)", o->flag, o->arg);
                 return -1;
             }
             value = argv[++i];
@@ -423,6 +412,46 @@ int config_parse(config_t *c, int argc, char **argv, char *err, size_t errlen)
             return -1;
     }
     return check(c, err, errlen) < 0 ? -1 : CONFIG_RUN;
+}
+
+static int copy_path(const char *found, char **path, char *err, size_t errlen)
+{
+    *path = strdup(found);
+    if (*path == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+int config_policy_path(const config_t *c, char **path, char *err, size_t errlen)
+{
+    const char *given = c->policy;
+    *path = NULL;
+    if (given != NULL && (strcmp(given, "off") == 0 || strcmp(given, "none") == 0))
+        return 0;
+    if (given != NULL)
+        return copy_path(given, path, err, errlen);
+    /* A build tree: errord or build/errord or build/asan/errord */
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 32);
+    for (int up = 0; n > 0 && up < 3; up++) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash == NULL)
+            break;
+        n = slash - exe;
+        strcpy(slash + 1, "lua/default.lua");
+        if (access(exe, R_OK) == 0)
+            return copy_path(exe, path, err, errlen);
+        exe[n] = '\0'; /* the directory; its parent next */
+    }
+    if (access(ERRORD_DATADIR "/default.lua", R_OK) == 0)
+        return copy_path(ERRORD_DATADIR "/default.lua", path, err, errlen);
+    snprintf(err, errlen, "no default policy at lua/default.lua next to errord nor at %s; "
+                          "give --policy FILE, or --policy off to run without one",
+             ERRORD_DATADIR "/default.lua");
+    return -1;
 }
 
 void config_free(config_t *c)

@@ -55,6 +55,12 @@ typedef enum { CONFIG_RUN, CONFIG_HELP, CONFIG_VERSION } config_action_t;
  * them with config_free(). */
 int config_parse(config_t *c, int argc, char **argv, char *err, size_t errlen);
 
+/* Finds the policy file to run: --policy, else lua/default.lua next to the
+ * binary (a build tree) or in the install's data directory. Sets *path to a
+ * copy the caller frees, or to NULL for --policy off. Returns 0, or -1 with
+ * why in `err`. */
+int config_policy_path(const config_t *c, char **path, char *err, size_t errlen);
+
 /* Frees what config_parse() allocated. */
 void config_free(config_t *c);
 

@@ -27,10 +27,12 @@ struct httpc_req_s {
     char port[8];
     httpc_done_cb done;
     void *arg;
-    int status;       /* the response's, once its head is in */
+    int status;       /* the final response's, once its head is in */
+    int answered;     /* ... and that response has ended */
     int resolving;    /* the name lookup is running */
     int finished;     /* done has fired, or the request was cancelled */
     int io_open;
+    char rx[16384]; /* what is read, then what OpenSSL decrypts */
 };
 
 int httpc_parse_url(const char *url, httpc_url_t *out)
@@ -117,21 +119,16 @@ static int on_body(void *ud, const char *at, size_t n)
     return 0; /* sinks answer with little; only the status matters */
 }
 
+/* A response ended: a final one is the sink's answer; an interim one (1xx)
+ * is followed by another. */
 static int on_end(void *ud)
 {
-    (void)ud;
+    httpc_req_t *r = ud;
+    r->answered = r->status != 0;
     return 0;
 }
 
 static const http_handler_t HANDLER = {on_head, on_body, on_end};
-
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
-{
-    (void)h;
-    (void)suggested;
-    static _Thread_local char buf[16384];
-    *b = uv_buf_init(buf, sizeof buf);
-}
 
 /* Response bytes (plaintext). Returns -1 once the request finished. */
 static int received(httpc_req_t *r, const char *data, size_t n)
@@ -146,7 +143,7 @@ static int received(httpc_req_t *r, const char *data, size_t n)
         n -= (size_t)used;
         if (!http_parser_ended(r->parser))
             break;
-        if (r->status != 0) {
+        if (r->answered) {
             finish(r, r->status, NULL);
             return -1;
         }
@@ -173,19 +170,18 @@ static void tls_step(httpc_req_t *r)
         finish(r, 0, "could not send the request");
         return;
     }
-    static _Thread_local char plain[16384];
     for (;;) {
-        ssize_t n = r->io.tls_ready ? tls_read(r->io.tls, plain, sizeof plain) : 0;
+        ssize_t n = r->io.tls_ready ? tls_read(r->io.tls, r->rx, sizeof r->rx) : 0;
         if (n == 0)
             return;
         if (n < 0) {
-            if (n == TLS_CLOSED && http_parser_finish(r->parser) == 0 && r->status != 0)
+            if (n == TLS_CLOSED && http_parser_finish(r->parser) == 0 && r->answered)
                 finish(r, r->status, NULL);
             else
                 finish(r, 0, "the sink closed the connection before answering");
             return;
         }
-        if (received(r, plain, (size_t)n) < 0)
+        if (received(r, r->rx, (size_t)n) < 0)
             return;
     }
 }
@@ -195,13 +191,22 @@ static void on_tls_idle(uv_idle_t *h)
     tls_step(((io_t *)h->data)->owner);
 }
 
+/* Reads into the request's own buffer: ciphertext goes into OpenSSL before
+ * tls_step() decrypts into the same buffer. */
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+{
+    (void)suggested;
+    httpc_req_t *r = ((io_t *)h->data)->owner;
+    *b = uv_buf_init(r->rx, sizeof r->rx);
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     httpc_req_t *r = ((io_t *)s->data)->owner;
     if (nread == 0)
         return;
     if (nread < 0) {
-        if (http_parser_finish(r->parser) == 0 && r->status != 0)
+        if (http_parser_finish(r->parser) == 0 && r->answered)
             finish(r, r->status, NULL);
         else if (r->io.tls != NULL && !r->io.tls_ready)
             finish(r, 0, "TLS handshake failed: the sink closed the connection");

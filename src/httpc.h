@@ -26,7 +26,8 @@ typedef struct {
     char authority[300];
 } httpc_url_t;
 
-/* Parses "http[s]://host[:port][/path]". Returns 0 or -EINVAL. */
+/* Parses "http[s]://host[:port][/path]" into `out` (the caller's). Returns
+ * 0 or -EINVAL. */
 int httpc_parse_url(const char *url, httpc_url_t *out);
 
 /* POSTs `body` (with Content-Type application/json and the `headers`
@@ -38,7 +39,8 @@ int httpc_post(uv_loop_t *loop, tls_ctx_t *tls, const httpc_url_t *url, const ch
                const char *body, size_t len, uint64_t timeout_ms, httpc_done_cb done, void *arg,
                httpc_req_t **out);
 
-/* Stops a request; its callback will not fire. */
+/* Stops the request `r`; its callback will not fire. `r` must not be used
+ * afterwards: its memory goes once its handles have closed. */
 void httpc_cancel(httpc_req_t *r);
 
 #endif

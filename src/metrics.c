@@ -7,7 +7,6 @@
 #include "http.h"
 
 #include <dirent.h>
-#include <lua.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -356,7 +355,6 @@ void metrics_render(buf_t *out, const metrics_control_t *c)
     metrics_family(out, "errord_build_info", "gauge", "errord's version and libraries.");
     buf_printf(out,
                "errord_build_info{version=\"%s\",libuv=\"%s\",llhttp=\"%s\",lua=\"%s\"} 1\n",
-               c->version, uv_version_string(), http_parser_version(),
-               LUA_VERSION_MAJOR "." LUA_VERSION_MINOR "." LUA_VERSION_RELEASE);
+               c->version, uv_version_string(), http_parser_version(), c->lua_version);
     process(out);
 }

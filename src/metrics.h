@@ -26,13 +26,14 @@
 
 typedef atomic_uint_fast64_t metric_t;
 
-/* A counter or gauge of one worker, written by its thread only. */
+/* Adds `n` to a counter or gauge of one worker; only its thread writes it. */
 static inline void metric_add(metric_t *m, uint64_t n)
 {
     atomic_store_explicit(m, atomic_load_explicit(m, memory_order_relaxed) + n,
                           memory_order_relaxed);
 }
 
+/* Sets a gauge of one worker to `v`; only its thread writes it. */
 static inline void metric_set(metric_t *m, uint64_t v)
 {
     atomic_store_explicit(m, v, memory_order_relaxed);
@@ -81,11 +82,16 @@ typedef struct {
  * lives until the process ends. NULL when out of memory. */
 metrics_t *metrics_new_worker(void);
 
-/* Adds a duration to a histogram (single writer). */
+/* Adds a duration of `ns` nanoseconds to `h`, which only the calling
+ * worker's thread writes. */
 void metrics_observe(histogram_t *h, uint64_t ns);
 
-/* The metric words for an attempt's error kind and a handler's failure. */
+/* Returns the metric label for an attempt's error `kind` ("connect",
+ * "timeout"...); ME_ABORTED for NULL or a word it does not know. */
 metrics_error_t metrics_error_of(const char *kind);
+
+/* Returns the metric label for how a handler failed (`failure`: "error",
+ * "timeout"...); MP_ERROR for NULL or a word it does not know. */
 metrics_policy_error_t metrics_policy_error_of(const char *failure);
 
 /* Counts a retry made, by the reason its verdict gave ("" when none).
@@ -95,6 +101,7 @@ void metrics_retry(const char *reason);
 /* What the control loop knows that the scrape shows. */
 typedef struct {
     const char *version;
+    const char *lua_version;     /* lua_version_string() */
     const char *policy_path;     /* NULL without a policy */
     const char *policy_sha256;
     int64_t policy_loaded_ms;
@@ -103,13 +110,16 @@ typedef struct {
     int ready;
 } metrics_control_t;
 
-/* Appends the Prometheus text exposition of everything but the alert sinks
- * (sinks_metrics() adds those). */
+/* Appends to `out` the Prometheus text exposition of everything but the
+ * alert sinks (sinks_metrics() adds those); `c` is read, not kept. */
 void metrics_render(buf_t *out, const metrics_control_t *c);
 
-/* Helpers for renderers elsewhere: "# HELP" and "# TYPE" lines, and a label
- * value escaped as the text format wants. */
+/* Appends the "# HELP" and "# TYPE" lines of the metric family `name`, for
+ * renderers elsewhere. */
 void metrics_family(buf_t *out, const char *name, const char *type, const char *help);
+
+/* Appends the C string `s` as a label value, escaped as the text format
+ * wants (quotes not included). */
 void metrics_label_value(buf_t *out, const char *s);
 
 #endif

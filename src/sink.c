@@ -4,10 +4,12 @@
 #include "alert.h"
 #include "clock.h"
 #include "httpc.h"
+#include "json.h"
 #include "log.h"
 #include "metrics.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -189,86 +191,62 @@ static void pump(sink_t *k)
 
 /* ---- payloads ----------------------------------------------------------------- */
 
-static void json_str(buf_t *b, const char *s)
-{
-    buf_lit(b, "\"");
-    buf_json_escape(b, s, strlen(s));
-    buf_lit(b, "\"");
-}
-
-static void json_time(buf_t *b, int64_t ms)
-{
-    char ts[32];
-    clock_rfc3339(ms, ts);
-    json_str(b, ts);
-}
-
 static int reserved_label(const char *k)
 {
     return strcmp(k, "alertname") == 0 || strcmp(k, "severity") == 0 ||
            strcmp(k, "upstream") == 0;
 }
 
-static void json_labels(buf_t *b, const alert_info_t *a)
+/* Adds the alert's own labels to `obj`, but those errord sets itself when
+ * `skip_reserved`. */
+static void add_labels(cJSON *obj, const alert_info_t *a, int skip_reserved)
 {
-    buf_lit(b, "{");
-    for (size_t i = 0; i < a->n_labels; i++) {
-        if (i > 0)
-            buf_lit(b, ",");
-        json_str(b, a->labels[i].key);
-        buf_lit(b, ":");
-        json_str(b, a->labels[i].value);
-    }
-    buf_lit(b, "}");
+    for (size_t i = 0; i < a->n_labels; i++)
+        if (!skip_reserved || !reserved_label(a->labels[i].key))
+            json_add(obj, a->labels[i].key, json_str(a->labels[i].value));
+}
+
+static cJSON *labels_object(const alert_info_t *a)
+{
+    cJSON *labels = cJSON_CreateObject();
+    add_labels(labels, a, 0);
+    return labels;
 }
 
 /* "name": ... "last_seen": ... of an alert, for payloads and /alerts. */
-static void json_alert_fields(buf_t *b, const alert_info_t *a)
+static void add_alert_fields(cJSON *obj, const alert_info_t *a)
 {
-    buf_lit(b, "\"name\":");
-    json_str(b, a->name);
-    buf_lit(b, ",\"severity\":");
-    json_str(b, a->severity);
-    buf_lit(b, ",\"summary\":");
-    json_str(b, a->summary);
-    buf_lit(b, ",\"labels\":");
-    json_labels(b, a);
-    buf_printf(b, ",\"count\":%lld,\"first_seen\":", (long long)a->count);
-    json_time(b, a->first_ms);
-    buf_lit(b, ",\"last_seen\":");
-    json_time(b, a->last_ms);
+    json_add(obj, "name", json_str(a->name));
+    json_add(obj, "severity", json_str(a->severity));
+    json_add(obj, "summary", json_str(a->summary));
+    json_add(obj, "labels", labels_object(a));
+    json_add(obj, "count", cJSON_CreateNumber((double)a->count));
+    json_add(obj, "first_seen", json_time(a->first_ms));
+    json_add(obj, "last_seen", json_time(a->last_ms));
 }
 
 /* One alert in Alertmanager's API v2 shape. */
-static void am_alert(sinks_t *s, buf_t *b, const alert_info_t *a, int64_t ends_ms)
+static cJSON *am_alert(const sinks_t *s, const alert_info_t *a, int64_t ends_ms)
 {
-    buf_lit(b, "{\"labels\":{\"alertname\":");
-    json_str(b, a->name);
-    buf_lit(b, ",\"severity\":");
-    json_str(b, a->severity);
-    buf_lit(b, ",\"upstream\":");
-    json_str(b, s->upstream);
-    for (size_t i = 0; i < a->n_labels; i++) {
-        if (reserved_label(a->labels[i].key))
-            continue;
-        buf_lit(b, ",");
-        json_str(b, a->labels[i].key);
-        buf_lit(b, ":");
-        json_str(b, a->labels[i].value);
-    }
-    buf_printf(b, "},\"annotations\":{\"summary\":");
-    json_str(b, a->summary);
-    buf_printf(b, ",\"count\":\"%lld\"},\"startsAt\":", (long long)a->count);
-    json_time(b, a->first_ms);
-    if (ends_ms > 0) {
-        buf_lit(b, ",\"endsAt\":");
-        json_time(b, ends_ms);
-    }
-    if (s->generator_url != NULL) {
-        buf_lit(b, ",\"generatorURL\":");
-        json_str(b, s->generator_url);
-    }
-    buf_lit(b, "}");
+    cJSON *alert = cJSON_CreateObject();
+    cJSON *labels = cJSON_CreateObject();
+    json_add(labels, "alertname", json_str(a->name));
+    json_add(labels, "severity", json_str(a->severity));
+    json_add(labels, "upstream", json_str(s->upstream));
+    add_labels(labels, a, 1);
+    json_add(alert, "labels", labels);
+    cJSON *annotations = cJSON_CreateObject();
+    char count[24];
+    snprintf(count, sizeof count, "%lld", (long long)a->count);
+    json_add(annotations, "summary", json_str(a->summary));
+    json_add(annotations, "count", json_str(count));
+    json_add(alert, "annotations", annotations);
+    json_add(alert, "startsAt", json_time(a->first_ms));
+    if (ends_ms > 0)
+        json_add(alert, "endsAt", json_time(ends_ms));
+    if (s->generator_url != NULL)
+        json_add(alert, "generatorURL", json_str(s->generator_url));
+    return alert;
 }
 
 /* The stable PagerDuty dedup key of an alert: its name and labels hashed. */
@@ -289,58 +267,66 @@ static const char *pagerduty_severity(const char *s)
     return "warning";
 }
 
-/* The notice of a new or resolved alert for a webhook, Slack or PagerDuty. */
-static void notice(sinks_t *s, sink_t *k, const alert_info_t *a, int resolved, buf_t *b)
+static cJSON *pagerduty_event(const sink_t *k, const alert_info_t *a, int resolved)
 {
-    const char *status = resolved ? "resolved" : "firing";
-    buf_clear(b);
+    cJSON *event = cJSON_CreateObject();
+    char key[40];
+    dedup_key(a, key);
+    json_add(event, "routing_key", json_str(k->cfg.routing_key));
+    json_add(event, "event_action", json_str(resolved ? "resolve" : "trigger"));
+    json_add(event, "dedup_key", json_str(key));
+    if (resolved)
+        return event;
+    cJSON *payload = cJSON_CreateObject();
+    json_add(payload, "summary", json_printf("%s: %s", a->name, a->summary));
+    json_add(payload, "source", json_str(k->owner->upstream));
+    json_add(payload, "severity", json_str(pagerduty_severity(a->severity)));
+    cJSON *details = cJSON_CreateObject();
+    json_add(details, "count", cJSON_CreateNumber((double)a->count));
+    json_add(details, "labels", labels_object(a));
+    json_add(payload, "custom_details", details);
+    json_add(event, "payload", payload);
+    return event;
+}
+
+/* The notice of a new or resolved alert for a webhook, Slack or PagerDuty
+ * (NULL for Alertmanager, which gets the batch of collect()). */
+static cJSON *notice(const sinks_t *s, const sink_t *k, const alert_info_t *a, int resolved)
+{
+    cJSON *body = NULL;
     switch (k->cfg.kind) {
     case SINK_WEBHOOK:
-        buf_printf(b, "{\"status\":\"%s\",", status);
-        json_alert_fields(b, a);
-        buf_lit(b, ",\"upstream\":");
-        json_str(b, s->upstream);
-        buf_lit(b, "}");
+        body = cJSON_CreateObject();
+        json_add(body, "status", json_str(resolved ? "resolved" : "firing"));
+        add_alert_fields(body, a);
+        json_add(body, "upstream", json_str(s->upstream));
         break;
-    case SINK_SLACK: {
-        buf_t text = BUF_INIT;
-        buf_printf(&text, "[%s] %s (%s): %s (%lld times, upstream %s)",
-                   resolved ? "RESOLVED" : "FIRING", a->name, a->severity, a->summary,
-                   (long long)a->count, s->upstream);
-        buf_append(&text, "", 1); /* the NUL json_str wants */
-        buf_lit(b, "{\"text\":");
-        json_str(b, text.data);
-        buf_lit(b, "}");
-        buf_free(&text);
+    case SINK_SLACK:
+        body = cJSON_CreateObject();
+        json_add(body, "text",
+                 json_printf("[%s] %s (%s): %s (%lld times, upstream %s)",
+                             resolved ? "RESOLVED" : "FIRING", a->name, a->severity, a->summary,
+                             (long long)a->count, s->upstream));
         break;
-    }
-    case SINK_PAGERDUTY: {
-        char key[40];
-        dedup_key(a, key);
-        buf_lit(b, "{\"routing_key\":");
-        json_str(b, k->cfg.routing_key);
-        buf_printf(b, ",\"event_action\":\"%s\",\"dedup_key\":\"%s\"",
-                   resolved ? "resolve" : "trigger", key);
-        if (!resolved) {
-            buf_lit(b, ",\"payload\":{\"summary\":");
-            buf_t sum = BUF_INIT;
-            buf_printf(&sum, "%s: %s", a->name, a->summary);
-            buf_append(&sum, "", 1);
-            json_str(b, sum.data);
-            buf_free(&sum);
-            buf_lit(b, ",\"source\":");
-            json_str(b, s->upstream);
-            buf_printf(b, ",\"severity\":\"%s\",\"custom_details\":{\"count\":%lld,\"labels\":",
-                       pagerduty_severity(a->severity), (long long)a->count);
-            json_labels(b, a);
-            buf_lit(b, "}}");
-        }
-        buf_lit(b, "}");
+    case SINK_PAGERDUTY:
+        body = pagerduty_event(k, a, resolved);
         break;
-    }
     case SINK_ALERTMANAGER:
         break;
     }
+    return body;
+}
+
+/* Queues the tree `body` (deleted here) for `k`; a body that does not
+ * render for want of memory counts as dropped. */
+static void enqueue_json(sink_t *k, cJSON *body)
+{
+    buf_t b = BUF_INIT;
+    if (json_render(body, &b) < 0)
+        k->dropped++;
+    else
+        enqueue(k, &b);
+    buf_free(&b);
 }
 
 /* ---- the tick ----------------------------------------------------------------- */
@@ -382,14 +368,9 @@ static void forget_known(sinks_t *s, known_t *k)
 
 static void notify(sinks_t *s, const alert_info_t *a, int resolved)
 {
-    buf_t b = BUF_INIT;
-    for (size_t i = 0; i < s->n; i++) {
-        if (s->sink[i]->cfg.kind == SINK_ALERTMANAGER)
-            continue; /* it gets the batch of collect() */
-        notice(s, s->sink[i], a, resolved, &b);
-        enqueue(s->sink[i], &b);
-    }
-    buf_free(&b);
+    for (size_t i = 0; i < s->n; i++)
+        if (s->sink[i]->cfg.kind != SINK_ALERTMANAGER) /* it gets the batch of collect() */
+            enqueue_json(s->sink[i], notice(s, s->sink[i], a, resolved));
 }
 
 /* Compares the alert table with what was said, and queues what is due. */
@@ -401,9 +382,7 @@ static void collect(sinks_t *s)
         return;
     int64_t now = clock_wall_ms();
     uint64_t mono = clock_now_ms();
-    buf_t am = BUF_INIT;
-    int am_n = 0;
-    buf_lit(&am, "[");
+    cJSON *am = cJSON_CreateArray();
     for (size_t i = 0; i < n; i++) {
         const alert_info_t *a = &alerts[i];
         known_t *k = find_known(s, a);
@@ -413,9 +392,7 @@ static void collect(sinks_t *s)
             if (k == NULL)
                 notify(s, a, 0); /* fired and went quiet between two ticks */
             notify(s, a, 1);
-            if (am_n++ > 0)
-                buf_lit(&am, ",");
-            am_alert(s, &am, a, now);
+            json_push(am, am_alert(s, a, now));
             if (k != NULL)
                 forget_known(s, k);
             continue;
@@ -426,18 +403,25 @@ static void collect(sinks_t *s)
         if (is_new)
             notify(s, a, 0);
         if (is_new || mono - k->am_sent_ms >= s->repeat_ms) {
-            if (am_n++ > 0)
-                buf_lit(&am, ",");
-            am_alert(s, &am, a, 0);
+            json_push(am, am_alert(s, a, 0));
             k->am_sent_ms = mono;
         }
     }
-    buf_lit(&am, "]");
-    if (am_n > 0) /* Alertmanager: each URL gets it (a cluster de-duplicates) */
-        for (size_t i = 0; i < s->n; i++)
-            if (s->sink[i]->cfg.kind == SINK_ALERTMANAGER)
-                enqueue(s->sink[i], &am);
-    buf_free(&am);
+    if (cJSON_GetArraySize(am) > 0) { /* Alertmanager: each URL gets it (a cluster de-duplicates) */
+        buf_t batch = BUF_INIT;
+        int rendered = json_render(am, &batch);
+        for (size_t i = 0; i < s->n; i++) {
+            if (s->sink[i]->cfg.kind != SINK_ALERTMANAGER)
+                continue;
+            if (rendered < 0)
+                s->sink[i]->dropped++;
+            else
+                enqueue(s->sink[i], &batch);
+        }
+        buf_free(&batch);
+    } else {
+        cJSON_Delete(am);
+    }
     alert_snapshot_free(alerts, n);
 }
 
@@ -570,14 +554,9 @@ static void introduce(sinks_t *s, sink_t *k)
     size_t n;
     if (k->cfg.kind == SINK_ALERTMANAGER || alert_snapshot(&alerts, &n) < 0)
         return; /* Alertmanager hears of them with the next repeat */
-    buf_t b = BUF_INIT;
-    for (size_t i = 0; i < n; i++) {
-        if (find_known(s, &alerts[i]) == NULL)
-            continue; /* new to everyone: the next tick announces it */
-        notice(s, k, &alerts[i], 0, &b);
-        enqueue(k, &b);
-    }
-    buf_free(&b);
+    for (size_t i = 0; i < n; i++)
+        if (find_known(s, &alerts[i]) != NULL) /* else new to all: the next tick announces it */
+            enqueue_json(k, notice(s, k, &alerts[i], 0));
     alert_snapshot_free(alerts, n);
 }
 
@@ -664,37 +643,51 @@ sinks_t *sinks_new(uv_loop_t *loop, const policy_settings_t *settings, const cha
     return s;
 }
 
-void sinks_state_json(sinks_t *s, buf_t *out)
+static const char *sink_state(const sink_t *k)
+{
+    if (k->undeliverable != NULL)
+        return "undeliverable";
+    if (k->last_status >= 200 && k->last_status < 300)
+        return "ok";
+    return k->sent == 0 && k->failed == 0 ? "idle" : "failing";
+}
+
+static cJSON *sink_json(const sink_t *k)
+{
+    cJSON *obj = cJSON_CreateObject();
+    json_add(obj, "kind", json_str(KIND_NAME[k->cfg.kind]));
+    json_add(obj, "url", json_str(k->cfg.url));
+    json_add(obj, "state", json_str(sink_state(k)));
+    json_add(obj, "queued", cJSON_CreateNumber(k->queued));
+    json_add(obj, "sent", cJSON_CreateNumber((double)k->sent));
+    json_add(obj, "failed", cJSON_CreateNumber((double)k->failed));
+    json_add(obj, "dropped", cJSON_CreateNumber((double)k->dropped));
+    json_add(obj, "last_status", cJSON_CreateNumber(k->last_status));
+    json_add(obj, "last_error",
+             json_str(k->undeliverable != NULL ? k->undeliverable : k->last_error));
+    return obj;
+}
+
+int sinks_state_json(sinks_t *s, buf_t *out)
 {
     alert_info_t *alerts = NULL;
     size_t n = 0;
     alert_snapshot(&alerts, &n);
-    buf_lit(out, "{\"alerts\":[");
+    cJSON *state = cJSON_CreateObject();
+    cJSON *list = cJSON_CreateArray();
     for (size_t i = 0; i < n; i++) {
-        const alert_info_t *a = &alerts[i];
-        buf_puts(out, i ? ",{" : "{");
-        json_alert_fields(out, a);
-        buf_lit(out, ",\"state\":\"firing\"}");
+        cJSON *alert = cJSON_CreateObject();
+        add_alert_fields(alert, &alerts[i]);
+        json_add(alert, "state", json_str("firing"));
+        json_push(list, alert);
     }
     alert_snapshot_free(alerts, n);
-    buf_lit(out, "],\"sinks\":[");
-    for (size_t i = 0; s != NULL && i < s->n; i++) {
-        const sink_t *k = s->sink[i];
-        const char *state = k->undeliverable != NULL                      ? "undeliverable"
-                            : k->last_status >= 200 && k->last_status < 300 ? "ok"
-                            : k->sent == 0 && k->failed == 0                ? "idle"
-                                                                            : "failing";
-        buf_printf(out, "%s{\"kind\":\"%s\",\"url\":", i ? "," : "", KIND_NAME[k->cfg.kind]);
-        json_str(out, k->cfg.url);
-        buf_printf(out,
-                   ",\"state\":\"%s\",\"queued\":%d,\"sent\":%llu,\"failed\":%llu,"
-                   "\"dropped\":%llu,\"last_status\":%d,\"last_error\":",
-                   state, k->queued, (unsigned long long)k->sent, (unsigned long long)k->failed,
-                   (unsigned long long)k->dropped, k->last_status);
-        json_str(out, k->undeliverable != NULL ? k->undeliverable : k->last_error);
-        buf_lit(out, "}");
-    }
-    buf_lit(out, "]}\n");
+    json_add(state, "alerts", list);
+    list = cJSON_CreateArray();
+    for (size_t i = 0; s != NULL && i < s->n; i++)
+        json_push(list, sink_json(s->sink[i]));
+    json_add(state, "sinks", list);
+    return json_render(state, out);
 }
 
 void sinks_metrics(sinks_t *s, buf_t *out)

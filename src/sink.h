@@ -13,7 +13,7 @@
 #define ERRORD_SINK_H
 
 #include "buf.h"
-#include "policy.h"
+#include "settings.h"
 
 #include <uv.h>
 
@@ -34,17 +34,20 @@ sinks_t *sinks_new(uv_loop_t *loop, const policy_settings_t *settings, const cha
 int sinks_update(sinks_t *s, const policy_settings_t *settings);
 
 /* Appends the JSON of the firing alerts and of each sink's delivery state,
- * {"alerts":[...],"sinks":[...]}, to `out`. */
-void sinks_state_json(sinks_t *s, buf_t *out);
+ * {"alerts":[...],"sinks":[...]}, to `out`; `s` may be NULL (no sinks).
+ * Returns 0, or -ENOMEM with `out` unchanged. */
+int sinks_state_json(sinks_t *s, buf_t *out);
 
-/* Appends the sinks' metrics in the Prometheus text format. */
+/* Appends the sinks' metrics to `out` in the Prometheus text format; `s`
+ * may be NULL (no sinks). */
 void sinks_metrics(sinks_t *s, buf_t *out);
 
 /* Sends what is due now and waits for the queues to empty, for at most
- * `timeout_ms`; then closes everything and calls `done`. */
+ * `timeout_ms`; then closes everything and calls `done` (when not NULL). */
 void sinks_close(sinks_t *s, uint64_t timeout_ms, void (*done)(void *arg), void *arg);
 
-/* Frees the sinks after `done` fired. */
+/* Frees the sinks, after sinks_close()'s `done` fired or after their loop
+ * ran to its end. NULL is fine. */
 void sinks_free(sinks_t *s);
 
 #endif

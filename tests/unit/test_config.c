@@ -99,7 +99,8 @@ TEST(config_defaults)
     config_free(&c);
 }
 
-TEST(config_reads_environment)
+/* The environment the two tests below start from. */
+static void set_sample_env(void)
 {
     clear_env();
     setenv("ERRORD_UPSTREAM", "http://10.1.2.3:9000", 1);
@@ -108,6 +109,11 @@ TEST(config_reads_environment)
     setenv("ERRORD_LOG_LEVEL", "debug", 1);
     setenv("ERRORD_PRESERVE_HOST", "1", 1);
     setenv("ERRORD_CONNECT_TIMEOUT", "500ms", 1);
+}
+
+TEST(config_reads_environment)
+{
+    set_sample_env();
     setenv("ERRORD_MAX_HEADER_SIZE", "16KiB", 1);
     setenv("ERRORD_MAX_CONNECTIONS", "77", 1);
     config_t c;
@@ -132,13 +138,7 @@ TEST(config_reads_environment)
 
 TEST(config_flags_beat_environment)
 {
-    clear_env();
-    setenv("ERRORD_UPSTREAM", "http://10.1.2.3:9000", 1);
-    setenv("ERRORD_LISTEN", "127.0.0.1:7000", 1);
-    setenv("ERRORD_WORKERS", "3", 1);
-    setenv("ERRORD_LOG_LEVEL", "debug", 1);
-    setenv("ERRORD_PRESERVE_HOST", "1", 1);
-    setenv("ERRORD_CONNECT_TIMEOUT", "500ms", 1);
+    set_sample_env();
     config_t c;
     char err[256] = "";
     char *argv[] = {"errord",      "--upstream",        "http://127.0.0.1:8081",
@@ -476,59 +476,72 @@ TEST(config_upstream_tls_flags)
 
 /* ---- the value parsers ------------------------------------------------------------------ */
 
+typedef int (*parse_u64_t)(const char *s, uint64_t *out);
+
+/* A text and the value a parser should make of it. */
+typedef struct {
+    const char *s;
+    uint64_t want;
+} parse_case_t;
+
+#define N_CASES(a) (sizeof(a) / sizeof *(a))
+
+/* Fails the test for each of the `n` cases that `parse` gets wrong. */
+static void expect_parsed(parse_u64_t parse, const char *unit, const parse_case_t *ok, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v = 12345;
+        int rc = parse(ok[i].s, &v);
+        if (rc != 0 || v != ok[i].want)
+            test_fail(__FILE__, __LINE__, "\"%s\": rc %d, %llu %s (want %llu)", ok[i].s, rc,
+                      (unsigned long long)v, unit, (unsigned long long)ok[i].want);
+    }
+}
+
+/* Fails the test for each of the `n` texts that `parse` accepts, or refuses
+ * but writes a value for all the same. */
+static void expect_parse_refused(parse_u64_t parse, const char *unit, const char *const *bad,
+                                 size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v = 777;
+        int rc = parse(bad[i], &v);
+        if (rc != -22)
+            test_fail(__FILE__, __LINE__, "\"%s\" accepted as %llu %s", bad[i],
+                      (unsigned long long)v, unit);
+        else if (v != 777)
+            test_fail(__FILE__, __LINE__, "\"%s\" refused but wrote %llu", bad[i],
+                      (unsigned long long)v);
+    }
+}
+
 TEST(config_parse_duration_units)
 {
-    const struct {
-        const char *s;
-        uint64_t ms;
-    } ok[] = {
+    static const parse_case_t ok[] = {
         {"0", 0},       {"1500", 1500},  {"250ms", 250}, {"10s", 10000},  {"2m", 120000},
         {"1h", 3600000}, {"1.5s", 1500},  {"90s", 90000}, {"24h", 86400000},
     };
-    for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
-        uint64_t ms = 12345;
-        int rc = config_parse_duration(ok[i].s, &ms);
-        if (rc != 0 || ms != ok[i].ms)
-            test_fail(__FILE__, __LINE__, "\"%s\": rc %d, %llu ms (want %llu)", ok[i].s, rc,
-                      (unsigned long long)ms, (unsigned long long)ok[i].ms);
-    }
+    expect_parsed(config_parse_duration, "ms", ok, N_CASES(ok));
 }
 
 TEST(config_parse_duration_rejects)
 {
-    const char *bad[] = {"", "s", "ms", "-1s", "+1s", " 10s", "10 s", "10x", "10sec",
-                         "1d", "ten", "10s ", ".5s", "1e400"};
-    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        uint64_t ms = 777;
-        int rc = config_parse_duration(bad[i], &ms);
-        if (rc != -22)
-            test_fail(__FILE__, __LINE__, "\"%s\" accepted as %llu ms", bad[i],
-                      (unsigned long long)ms);
-        else if (ms != 777)
-            test_fail(__FILE__, __LINE__, "\"%s\" refused but wrote %llu", bad[i],
-                      (unsigned long long)ms);
-    }
+    static const char *const bad[] = {"", "s", "ms", "-1s", "+1s", " 10s", "10 s", "10x",
+                                      "10sec", "1d", "ten", "10s ", ".5s", "1e400"};
+    expect_parse_refused(config_parse_duration, "ms", bad, N_CASES(bad));
 }
 
 /* Durations are decimal, like sizes: "0x10" is refused by the size parser
  * and must not silently mean 16 here. */
 TEST(config_parse_duration_rejects_hex)
 {
-    const char *bad[] = {"0x10", "0x10s", "0x1p4s", "0X1Fms"};
-    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        uint64_t ms = 777;
-        if (config_parse_duration(bad[i], &ms) != -22)
-            test_fail(__FILE__, __LINE__, "\"%s\" accepted as %llu ms", bad[i],
-                      (unsigned long long)ms);
-    }
+    static const char *const bad[] = {"0x10", "0x10s", "0x1p4s", "0X1Fms"};
+    expect_parse_refused(config_parse_duration, "ms", bad, N_CASES(bad));
 }
 
 TEST(config_parse_size_units)
 {
-    const struct {
-        const char *s;
-        uint64_t bytes;
-    } ok[] = {
+    static const parse_case_t ok[] = {
         {"0", 0},
         {"512", 512},
         {"8k", 8192},
@@ -542,31 +555,16 @@ TEST(config_parse_size_units)
         {"1GiB", 1073741824ull},
         {"18446744073709551615", UINT64_MAX},
     };
-    for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
-        uint64_t n = 12345;
-        int rc = config_parse_size(ok[i].s, &n);
-        if (rc != 0 || n != ok[i].bytes)
-            test_fail(__FILE__, __LINE__, "\"%s\": rc %d, %llu bytes (want %llu)", ok[i].s, rc,
-                      (unsigned long long)n, (unsigned long long)ok[i].bytes);
-    }
+    expect_parsed(config_parse_size, "bytes", ok, N_CASES(ok));
 }
 
 TEST(config_parse_size_rejects)
 {
-    const char *bad[] = {"",     "k",      "KiB",  "-1",    "+1",   " 8k",
-                         "8 k",  "8x",     "8kk",  "8KiBs", "8kib2", "1.5m",
-                         "8t",   "lots",   "18446744073709551616",
-                         "18446744073709551615k", "17179869184g"};
-    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        uint64_t n = 777;
-        int rc = config_parse_size(bad[i], &n);
-        if (rc != -22)
-            test_fail(__FILE__, __LINE__, "\"%s\" accepted as %llu bytes", bad[i],
-                      (unsigned long long)n);
-        else if (n != 777)
-            test_fail(__FILE__, __LINE__, "\"%s\" refused but wrote %llu", bad[i],
-                      (unsigned long long)n);
-    }
+    static const char *const bad[] = {"",     "k",      "KiB",  "-1",    "+1",   " 8k",
+                                      "8 k",  "8x",     "8kk",  "8KiBs", "8kib2", "1.5m",
+                                      "8t",   "lots",   "18446744073709551616",
+                                      "18446744073709551615k", "17179869184g"};
+    expect_parse_refused(config_parse_size, "bytes", bad, N_CASES(bad));
 }
 
 TEST(config_parse_addr_forms)
@@ -610,4 +608,27 @@ TEST(config_parse_addr_rejects)
         if (config_parse_addr(bad[i], &ss) != -22)
             test_fail(__FILE__, __LINE__, "\"%s\" accepted", bad[i]);
     }
+}
+
+/* ---- config_policy_path: which policy file errord runs ---------------------------- */
+
+TEST(config_policy_path_given_or_off)
+{
+    clear_env();
+    config_t c;
+    char err[256] = "";
+    char *path = NULL;
+    char *given[] = {"errord", "--upstream", "http://127.0.0.1:8081", "--policy", "/etc/p.lua"};
+    ASSERT_EQ(config_parse(&c, ARGC(given), given, err, sizeof err), CONFIG_RUN);
+    ASSERT_EQ(config_policy_path(&c, &path, err, sizeof err), 0);
+    ASSERT(path != NULL);
+    ASSERT_STR(path, "/etc/p.lua");
+    free(path);
+    config_free(&c);
+    char *off[] = {"errord", "--upstream", "http://127.0.0.1:8081", "--policy", "off"};
+    ASSERT_EQ(config_parse(&c, ARGC(off), off, err, sizeof err), CONFIG_RUN);
+    path = (char *)"not reset";
+    ASSERT_EQ(config_policy_path(&c, &path, err, sizeof err), 0);
+    ASSERT(path == NULL);
+    config_free(&c);
 }
