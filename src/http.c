@@ -157,8 +157,8 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
     for (i = 0; i < n && p->scan != SC_BODY; i++) {
         /* Most of a head is names and values: take runs of ordinary bytes
          * at once, and the byte after them one by one below. */
+        size_t j = i; /* where the run ends */
         if (p->scan == SC_LINE0 && p->line0_known) {
-            size_t j = i;
             for (uint64_t x; j + 8 <= n; j += 8) {
                 x = bytes_load8(data + j);
                 if (bytes_has(x, '\r') | bytes_has(x, '\n'))
@@ -168,27 +168,13 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 j++;
             if (p->line0.len + (j - i) > p->limits->max_line)
                 return fail(p, 414, "request line too long");
-            p->head_bytes += j - i;
-            if (p->head_bytes > limit)
-                return fail(p, 431, "header section too large");
             if (buf_append(&p->line0, data + i, j - i) < 0)
                 return fail(p, 500, "out of memory");
-            i = j;
-            if (i == n)
-                break;
         } else if (p->scan == SC_NAME) {
-            size_t j = i;
             for (; j < n && TCHAR[(unsigned char)data[j]]; j++, p->name_len++)
                 if (p->name_len < sizeof p->name)
                     p->name[p->name_len] = (char)(data[j] | 0x20);
-            p->head_bytes += j - i;
-            if (p->head_bytes > limit)
-                return fail(p, 431, "header section too large");
-            i = j;
-            if (i == n)
-                break;
         } else if (p->scan == SC_VALUE) {
-            size_t j = i;
             for (uint64_t x; j + 8 <= n; j += 8) {
                 x = bytes_load8(data + j);
                 if (bytes_below(x, 0x20) | bytes_has(x, 0x7f))
@@ -196,6 +182,8 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
             }
             while (j < n && VALUE_CHAR[(unsigned char)data[j]])
                 j++;
+        }
+        if (j > i) {
             p->head_bytes += j - i;
             if (p->head_bytes > limit)
                 return fail(p, 431, "header section too large");

@@ -428,18 +428,26 @@ static void on_client_drain(io_t *io)
         txn_client_drained(c->txn);
 }
 
+/* Accepts a client connection of `p`, counted among the open ones (in all,
+ * with it, in *open) from now until on_client_closed(). Returns it, or
+ * NULL (out of memory, or the accept failed and the connection is closing). */
+static client_t *client_accept(proxy_t *p, uv_stream_t *server, size_t *open)
+{
+    client_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->proxy = p;
+    list_push_back(&p->clients, &c->link);
+    *open = atomic_fetch_add(&p->shared->connections, 1) + 1;
+    return io_accept(server, &c->io, c, on_client_closed) == 0 ? c : NULL;
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     proxy_t *p = server->loop->data;
-    if (status < 0)
-        return;
-    client_t *c = calloc(1, sizeof *c);
+    size_t open = 0;
+    client_t *c = status == 0 ? client_accept(p, server, &open) : NULL;
     if (c == NULL)
-        return;
-    c->proxy = p;
-    list_push_back(&p->clients, &c->link);
-    size_t open = atomic_fetch_add(&p->shared->connections, 1) + 1;
-    if (io_accept(server, &c->io, c, on_client_closed) < 0)
         return;
     c->io.on_error = on_client_write_error;
     c->io.on_drain = on_client_drain;
