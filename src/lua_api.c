@@ -2,6 +2,7 @@
 #include "lua_api.h"
 
 #include "alert.h"
+#include "backoff.h"
 #include "budget.h"
 #include "clock.h"
 #include "counter.h"
@@ -318,22 +319,13 @@ static int l_count(lua_State *L)
     return 1;
 }
 
-uint64_t lua_api_backoff(lua_api_ctx_t *c, int attempt)
-{
-    uint64_t cap = c->settings->backoff_base_ms;
-    for (int i = 1; i < attempt && cap < c->settings->backoff_max_ms; i++)
-        cap *= 2;
-    if (cap > c->settings->backoff_max_ms)
-        cap = c->settings->backoff_max_ms;
-    return cap == 0 ? 0 : rand_next(&c->rng) % (cap + 1);
-}
-
 static int l_backoff(lua_State *L)
 {
     lua_api_ctx_t *c = ctx_of(L);
     lua_Integer attempt = luaL_optinteger(L, 1, c->in ? c->in->attempt : 1);
     luaL_argcheck(L, attempt >= 1, 1, "attempt must be 1 or more");
-    lua_pushinteger(L, (lua_Integer)lua_api_backoff(c, (int)(attempt > 64 ? 64 : attempt)));
+    lua_pushinteger(L, (lua_Integer)backoff_delay_ms(c->settings, &c->rng,
+                                                      (int)(attempt > 64 ? 64 : attempt)));
     return 1;
 }
 

@@ -51,9 +51,6 @@ void lua_api_encode_json(lua_State *L, int idx);
  * JSON; raises when out of memory. */
 void lua_api_push_json(lua_State *L, const char *s, size_t n);
 
-/* The backoff delay of errord.backoff(attempt). */
-uint64_t lua_api_backoff(lua_api_ctx_t *ctx, int attempt);
-
 /* Clears the scratch counts of errord.count() used by tests, then copies in
  * the key -> number pairs of the table at `idx` (when it is a table). */
 void lua_api_reset_test_counts(lua_State *L, int idx);

@@ -7,6 +7,7 @@
  * state's memory is an error errord handles, never a panic. */
 #include "policy.h"
 
+#include "backoff.h"
 #include "clock.h"
 #include "log.h"
 #include "lua_api.h"
@@ -913,7 +914,7 @@ int policy_handles_errors(const policy_t *p)
 
 uint64_t policy_backoff_ms(policy_t *p, int attempt)
 {
-    return lua_api_backoff(&p->ctx, attempt);
+    return backoff_delay_ms(&p->settings, &p->ctx.rng, attempt);
 }
 
 /* Protected: pushes the views of the input (1). */

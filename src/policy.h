@@ -134,8 +134,9 @@ int policy_handles_errors(const policy_t *p);
  * Never fails: a broken handler yields pass with out->failure set. */
 void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out);
 
-/* errord.backoff(attempt) with the policy's settings: a random delay in
- * [0, min(max, base * 2^(attempt-1))] ms. */
+/* The delay of a retry the handler gave no `after` for: backoff_delay_ms()
+ * with the policy's settings and generator, what errord.backoff(attempt)
+ * gives a handler too. Same thread as the policy. */
 uint64_t policy_backoff_ms(policy_t *p, int attempt);
 
 #endif
