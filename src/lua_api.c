@@ -92,11 +92,10 @@ void lua_api_push_json(lua_State *L, const char *s, size_t n)
         lua_pushnil(L);
         return;
     }
-    lua_pushcfunction(L, push_json_step);
     lua_pushlightuserdata(L, j);
-    int rc = lua_pcall(L, 1, 1, 0);
+    sandbox_status_t st = sandbox_protect(L, push_json_step, 1, 1, 0);
     cJSON_Delete(j);
-    if (rc != LUA_OK)
+    if (st != SANDBOX_OK)
         lua_error(L); /* rethrown, the tree freed */
 }
 
@@ -229,13 +228,12 @@ static void push_json_text(lua_State *L, int idx)
 {
     struct json_build b = {NULL};
     idx = lua_absindex(L, idx);
-    lua_pushcfunction(L, json_build_step);
     lua_pushlightuserdata(L, &b);
     lua_pushvalue(L, idx);
-    int rc = lua_pcall(L, 2, 0, 0);
-    char *text = rc == LUA_OK ? cJSON_PrintUnformatted(b.root) : NULL;
+    sandbox_status_t st = sandbox_protect(L, json_build_step, 2, 0, 0);
+    char *text = st == SANDBOX_OK ? cJSON_PrintUnformatted(b.root) : NULL;
     cJSON_Delete(b.root);
-    if (rc != LUA_OK)
+    if (st != SANDBOX_OK)
         lua_error(L);
     if (text == NULL)
         luaL_error(L, "out of memory");

@@ -795,8 +795,7 @@ policy_t *policy_load_text(const char *path, const char *src, size_t len, policy
     rand_seed(&p->ctx.rng);
     sandbox_set_context(p->sandbox, &p->ctx);
     lua_State *L = sandbox_state(p->sandbox);
-    lua_pushcfunction(L, open_step);
-    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+    if (sandbox_protect(L, open_step, 0, 0, 1) != SANDBOX_OK) {
         lua_problem(p, "out of memory");
         goto fail;
     }
@@ -808,11 +807,9 @@ policy_t *policy_load_text(const char *path, const char *src, size_t len, policy
         lua_problem(p, lua_tostring(L, -1));
         goto fail;
     }
-    lua_pushcfunction(L, load_step);
-    lua_insert(L, -2);
     lua_pushlightuserdata(L, p);
-    lua_insert(L, -2);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    lua_insert(L, -2); /* under the policy table */
+    if (sandbox_protect(L, load_step, 2, 0, 1) != SANDBOX_OK) {
         lua_problem(p, lua_tostring(L, -1));
         goto fail;
     }
@@ -935,9 +932,8 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
         snprintf(msg, msglen, "out of memory");
         return SANDBOX_MEMORY;
     }
-    lua_pushcfunction(L, views_step);
     lua_pushlightuserdata(L, (void *)in);
-    if (lua_pcall(L, 1, 2, 0) != LUA_OK) { /* req at top+1, res (or err) at top+2 */
+    if (sandbox_protect(L, views_step, 1, 2, 0) != SANDBOX_OK) { /* req at top+1, res at top+2 */
         lua_settop(L, top);
         snprintf(msg, msglen, "out of memory before the handler ran");
         return SANDBOX_MEMORY;
@@ -1260,9 +1256,7 @@ static int run_case(lua_State *L, test_run_t *r, int t)
         if (r->res->status < 100 || r->res->status > 599)
             TEST_FAIL(r, "res.status must be a status from 100 to 599");
         if (rawfield(L, res, "json") != LUA_TNIL) {
-            lua_pushcfunction(L, encode_step);
-            lua_insert(L, -2);
-            if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+            if (sandbox_protect(L, encode_step, 1, 1, 0) != SANDBOX_OK) /* the message, whole */
                 TEST_FAIL(r, "res.json: %s", lua_tostring(L, -1));
         } else {
             rawfield(L, res, "body");
@@ -1357,10 +1351,9 @@ static int test_step(lua_State *L)
  * frees what r holds. */
 static void run_protected(lua_State *L, test_run_t *r, int t)
 {
-    lua_pushcfunction(L, test_step);
     lua_pushlightuserdata(L, r);
     lua_pushvalue(L, t);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    if (sandbox_protect(L, test_step, 2, 0, 1) != SANDBOX_OK) {
         first_line(lua_tostring(L, -1), r->why, sizeof r->why);
         lua_pop(L, 1);
         r->passed = 0;
@@ -1454,10 +1447,9 @@ static int decode_step(lua_State *L)
 static int push_json(policy_t *p, const char *json, size_t len, char *err, size_t errlen)
 {
     lua_State *L = sandbox_state(p->sandbox);
-    lua_pushcfunction(L, decode_step);
     lua_pushlightuserdata(L, (void *)json);
     lua_pushinteger(L, (lua_Integer)len);
-    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+    if (sandbox_protect(L, decode_step, 2, 1, 1) != SANDBOX_OK) {
         first_line(lua_tostring(L, -1), err, errlen);
         lua_pop(L, 1);
         return -1;

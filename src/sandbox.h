@@ -48,6 +48,18 @@ sandbox_t *sandbox_of(lua_State *L);
  * place of the results. */
 sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults);
 
+/* Runs errord's own C function `fn` (building views, tables, JSON) on the
+ * `nargs` values on top of the stack of a sandbox's state, in protected
+ * mode: an error, running out of the state's memory included, comes back
+ * instead of ending the process. It is not bounded by the limits, which
+ * apply only while a sandbox_call() runs (inside one they go on applying).
+ * Returns SANDBOX_OK with `nresults` results in place of the arguments, or
+ * SANDBOX_ERROR / SANDBOX_MEMORY with the error object in their place: with
+ * a traceback, as sandbox_call() gives it, when `traceback`; as raised
+ * otherwise, for a caller that passes it on with lua_error(). */
+sandbox_status_t sandbox_protect(lua_State *L, lua_CFunction fn, int nargs, int nresults,
+                                 int traceback);
+
 /* Charges `units` of work done in C on the policy's behalf (pattern
  * matching) to the call in progress, as if that many instructions ran: raises
  * the stop when the budget or the time is spent. Outside a call it does
