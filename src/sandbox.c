@@ -311,7 +311,7 @@ static int open_safe_libraries(lua_State *L)
     remove_fields(L, LUA_GNAME, base_out);
     remove_fields(L, LUA_OSLIBNAME, os_out);
     remove_fields(L, LUA_STRLIBNAME, string_out);
-    pattern_open(L);
+    pattern_open(L, sandbox_charge);
 
     lua_getglobal(L, "load");
     lua_pushcclosure(L, safe_load, 1); /* pops the original load */
