@@ -7,6 +7,7 @@
 #include "clock.h"
 #include "counter.h"
 #include "log.h"
+#include "redact.h"
 #include "sandbox.h"
 
 #include <cJSON.h>
@@ -604,48 +605,33 @@ static void add_call_fields(log_record_t *r, const policy_input_t *in)
     log_int(r, "attempt", in->attempt);
 }
 
-typedef struct {
-    lua_State *L;
-    int json;
-} redact_t;
-
-/* Replaces the secret `v` (n bytes of a header value) with "[redacted]" in
- * the string at the top of the stack; in JSON text as JSON writes it (of
- * the bytes a header value may hold, '"', '\\' and HTAB are escaped). */
-static void redact_one(void *arg, const char *v, size_t n)
+/* Protected: pushes the text of the buffer (1). */
+static int push_buf_step(lua_State *L)
 {
-    redact_t *r = arg;
-    lua_State *L = r->L;
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (size_t i = 0; i < n; i++) {
-        if (r->json && (v[i] == '"' || v[i] == '\\'))
-            luaL_addchar(&b, '\\');
-        if (r->json && v[i] == '\t')
-            luaL_addstring(&b, "\\t");
-        else
-            luaL_addchar(&b, v[i]);
-    }
-    luaL_pushresult(&b);
-    const char *text = lua_tostring(L, -2), *pat = lua_tostring(L, -1);
-    if (strstr(text, pat) != NULL) {
-        luaL_gsub(L, text, pat, "[redacted]");
-        lua_replace(L, -3);
-    }
-    lua_pop(L, 1);
+    const buf_t *b = lua_touserdata(L, 1);
+    lua_pushlstring(L, b->data, b->len);
+    return 1;
 }
 
 /* Pushes `s` with the secrets of the call in progress (SPEC §6) replaced
  * by "[redacted]": a policy that logs or alerts with them leaks nothing.
- * With `json`, `s` is JSON text. Returns the pushed string. */
+ * With `json`, `s` is JSON text. `s` is a Lua string: secrets are looked
+ * for up to its first NUL, and a string with one found ends there. Returns
+ * the pushed string. */
 static const char *push_redacted(lua_State *L, const lua_api_ctx_t *c, const char *s, size_t n,
                                  int json)
 {
-    lua_pushlstring(L, s, n);
-    if (c->in != NULL) {
-        redact_t r = {L, json};
-        policy_each_secret(c->settings, c->in, redact_one, &r);
+    buf_t clean = BUF_INIT;
+    luaL_checkstack(L, 3, "redacting");
+    if (!redact_scrub(c->settings, c->in, s, strlen(s), json, &clean)) {
+        lua_pushlstring(L, s, n);
+        return lua_tostring(L, -1);
     }
+    lua_pushlightuserdata(L, &clean);
+    sandbox_status_t st = sandbox_protect(L, push_buf_step, 1, 1, 0);
+    buf_free(&clean);
+    if (st != SANDBOX_OK)
+        lua_error(L); /* rethrown, the copy freed */
     return lua_tostring(L, -1);
 }
 

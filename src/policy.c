@@ -11,6 +11,7 @@
 #include "clock.h"
 #include "log.h"
 #include "lua_api.h"
+#include "redact.h"
 #include "sandbox.h"
 #include "sha256.h"
 
@@ -861,22 +862,6 @@ const char *policy_path(const policy_t *p)
     return p->path;
 }
 
-int policy_header_secret(const policy_settings_t *s, const char *name, size_t n)
-{
-    static const struct {
-        const char *name;
-        size_t len;
-    } secret[] = {{"authorization", 13}, {"proxy-authorization", 19}, {"cookie", 6},
-                  {"set-cookie", 10},    {"x-api-key", 9}};
-    for (size_t i = 0; i < sizeof secret / sizeof *secret; i++)
-        if (n == secret[i].len && strncasecmp(name, secret[i].name, n) == 0)
-            return 1;
-    for (size_t i = 0; s != NULL && i < s->n_secret_headers; i++)
-        if (strlen(s->secret_headers[i]) == n && strncasecmp(name, s->secret_headers[i], n) == 0)
-            return 1;
-    return 0;
-}
-
 const char *policy_sha256(const policy_t *p)
 {
     return p->sha256;
@@ -966,45 +951,17 @@ static sandbox_status_t call_handler(policy_t *p, int ref, const policy_input_t 
     return st;
 }
 
-/* Replaces `secret` (n bytes) with "[redacted]" in `text`. */
-static void scrub_one(buf_t *text, const char *secret, size_t n)
+/* Writes `text` (`n` bytes) as the field `key` of `r`, the secrets of the
+ * call `in` taken out. */
+static void log_redacted(log_record_t *r, const char *key, const policy_settings_t *s,
+                         const policy_input_t *in, const char *text, size_t n)
 {
-    buf_t out = BUF_INIT;
-    size_t i = 0;
-    const char *hit;
-    while (text->len - i >= n && (hit = memmem(text->data + i, text->len - i, secret, n)) != NULL) {
-        buf_append(&out, text->data + i, (size_t)(hit - (text->data + i)));
-        buf_lit(&out, "[redacted]");
-        i = (size_t)(hit - text->data) + n;
-    }
-    if (out.len == 0 && i == 0)
-        return;
-    buf_append(&out, text->data + i, text->len - i);
-    buf_free(text);
-    *text = out;
-}
-
-void policy_each_secret(const policy_settings_t *s, const policy_input_t *in,
-                        void (*fn)(void *arg, const char *v, size_t n), void *arg)
-{
-    const http_head_t *heads[2] = {in->req, in->res};
-    for (int h = 0; h < 2; h++) {
-        for (size_t i = 0; heads[h] != NULL && i < heads[h]->n_headers; i++) {
-            const http_header_t *f = &heads[h]->headers[i];
-            if (!policy_header_secret(s, f->name, f->name_len) || f->value_len < SECRET_MIN)
-                continue;
-            fn(arg, f->value, f->value_len);
-            const char *sp = memchr(f->value, ' ', f->value_len);
-            size_t rest = sp != NULL ? f->value_len - (size_t)(sp + 1 - f->value) : 0;
-            if (rest >= SECRET_MIN)
-                fn(arg, sp + 1, rest);
-        }
-    }
-}
-
-static void scrub_cb(void *arg, const char *v, size_t n)
-{
-    scrub_one(arg, v, n);
+    buf_t clean = BUF_INIT;
+    if (redact_scrub(s, in, text, n, 0, &clean))
+        log_strn(r, key, clean.data, clean.len);
+    else
+        log_strn(r, key, text, n);
+    buf_free(&clean);
 }
 
 /* Counts a handler call that ran out of time or memory; sets the handler
@@ -1081,16 +1038,11 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
     else
         log_str(r, "error_kind", in->err_kind);
     log_str(r, "kind", out->failure);
-    buf_t error = BUF_INIT;
-    buf_puts(&error, msg);
     /* a handler may raise with a secret in its message */
-    policy_each_secret(&p->settings, in, scrub_cb, &error);
-    policy_each_secret(&p->settings, in, scrub_cb, &trace);
-    log_strn(r, "error", buf_cstr(&error), error.len);
+    log_redacted(r, "error", &p->settings, in, msg, strlen(msg));
     if (trace.len > 0)
-        log_strn(r, "traceback", trace.data, trace.len);
+        log_redacted(r, "traceback", &p->settings, in, trace.data, trace.len);
     log_end(r);
-    buf_free(&error);
     buf_free(&trace);
 }
 

@@ -97,23 +97,6 @@ void policy_release(policy_t *p);
 const policy_settings_t *policy_settings(const policy_t *p);
 const char *policy_path(const policy_t *p);
 
-/* Whether the header `name` (`n` bytes, any case) holds a secret whose
- * value errord never writes out (SPEC §6): Authorization,
- * Proxy-Authorization, Cookie, Set-Cookie, X-Api-Key, and the names of
- * settings.secret_headers (`s` may be NULL). */
-int policy_header_secret(const policy_settings_t *s, const char *name, size_t n);
-
-/* Secrets shorter than this are not looked for in text: they would match
- * ordinary words. */
-#define SECRET_MIN 4
-
-/* Calls `fn` with each secret the call `in` carries: the value of each of
- * its secret headers (request and response) and, for a "Scheme
- * credentials" value, the credentials alone; what errord takes out of
- * anything a policy writes. */
-void policy_each_secret(const policy_settings_t *s, const policy_input_t *in,
-                        void (*fn)(void *arg, const char *v, size_t n), void *arg);
-
 /* The SHA-256 of the policy's source, 64 hex digits. */
 const char *policy_sha256(const policy_t *p);
 

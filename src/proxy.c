@@ -20,6 +20,7 @@
 #include "metrics.h"
 #include "policy.h"
 #include "rand.h"
+#include "redact.h"
 #include "upstream.h"
 
 #include <ctype.h>
@@ -250,7 +251,7 @@ static void json_headers(const policy_t *policy, buf_t *b, const http_head_t *h)
         buf_puts(b, i ? ",\"" : "\"");
         buf_json_escape(b, name, n);
         buf_lit(b, "\":\"");
-        if (policy_header_secret(policy != NULL ? policy_settings(policy) : NULL, name, n))
+        if (redact_header_secret(policy != NULL ? policy_settings(policy) : NULL, name, n))
             buf_lit(b, "[redacted]");
         else
             buf_json_escape(b, f->value, f->value_len);
