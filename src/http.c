@@ -67,6 +67,14 @@ static const unsigned char TCHAR[256] = {
     ['y'] = 1, ['z'] = 1,
 };
 
+int http_is_token(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!TCHAR[(unsigned char)s[i]])
+            return 0;
+    return n > 0;
+}
+
 /* Bytes a field value may hold besides HTAB: SP, VCHAR, obs-text. */
 static const unsigned char VALUE_CHAR[256] = {[0x20 ... 0x7e] = 1, [0x80 ... 0xff] = 1};
 

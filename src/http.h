@@ -156,6 +156,10 @@ int64_t http_retry_after_ms(const http_head_t *res, int64_t now_ms);
  * (case-insensitive). */
 int http_list_has(const char *value, size_t n, const char *token);
 
+/* Whether the `n` bytes at `s` are a token (RFC 9110 5.6.2), what a
+ * header field name must be: one or more tchar. */
+int http_is_token(const char *s, size_t n);
+
 /* Whether `method` may be repeated without changing its effect (RFC 9110
  * 9.2.2). */
 int http_method_idempotent(http_method_t method);

@@ -384,21 +384,30 @@ static int verdict_index(lua_State *L)
     return 0;
 }
 
-/* Raises an error for any key of the table at 1 not in `allowed`. */
+int lua_api_next_unknown(lua_State *L, int t, const char *const *known)
+{
+    t = lua_absindex(L, t);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1); /* the value */
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        int found = 0;
+        for (const char *const *q = known; k != NULL && *q != NULL && !found; q++)
+            found = strcmp(k, *q) == 0;
+        if (!found)
+            return 1;
+    }
+    return 0;
+}
+
+/* Raises an error for the first key of the table at 1 not in `allowed`. */
 static void check_keys(lua_State *L, const char *fn, const char *const *allowed)
 {
     lua_pushnil(L);
-    while (lua_next(L, 1) != 0) {
-        lua_pop(L, 1);
-        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        int ok = 0;
-        for (const char *const *a = allowed; k != NULL && *a != NULL && !ok; a++)
-            ok = strcmp(k, *a) == 0;
-        if (!ok && k != NULL)
-            luaL_error(L, "%s{}: unknown field '%s'", fn, k);
-        if (!ok)
-            luaL_error(L, "%s{}: unknown %s key", fn, luaL_typename(L, -1));
-    }
+    if (!lua_api_next_unknown(L, 1, allowed))
+        return;
+    if (lua_type(L, -1) == LUA_TSTRING)
+        luaL_error(L, "%s{}: unknown field '%s'", fn, lua_tostring(L, -1));
+    luaL_error(L, "%s{}: unknown %s key", fn, luaL_typename(L, -1));
 }
 
 static int l_pass(lua_State *L)
@@ -454,17 +463,6 @@ static int l_retry(lua_State *L)
     return 1;
 }
 
-static int valid_token(const char *s, size_t n)
-{
-    static const char extra[] = "!#$%&'*+-.^_`|~";
-    if (n == 0)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!isalnum((unsigned char)s[i]) && (s[i] == 0 || strchr(extra, s[i]) == NULL))
-            return 0;
-    return 1;
-}
-
 static int valid_field_value(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -513,7 +511,7 @@ static int l_respond(lua_State *L)
                 luaL_error(L, "respond{}: headers map names to strings");
             const char *k = lua_tolstring(L, -2, &kn);
             const char *v = lua_tolstring(L, -1, &vn); /* the value slot may become a string */
-            if (!valid_token(k, kn))
+            if (!http_is_token(k, kn))
                 luaL_error(L, "respond{}: '%s' is not a valid header name", k);
             if (!valid_field_value(v, vn))
                 luaL_error(L, "respond{}: header '%s' has a control character in its value", k);
@@ -711,7 +709,7 @@ static int l_alert(lua_State *L)
     lua_getfield(L, 1, "labels");
     size_t name_len;
     const char *name = lua_tolstring(L, 2, &name_len);
-    if (lua_type(L, 2) != LUA_TSTRING || !valid_token(name, name_len))
+    if (lua_type(L, 2) != LUA_TSTRING || !http_is_token(name, name_len))
         luaL_error(L, "alert{}: name must be a word such as \"UpstreamDown\"");
     const char *severity = lua_isnil(L, 3) ? "warning" : lua_tostring(L, 3);
     const char *summary = lua_isnil(L, 4) ? "" : lua_tostring(L, 4);

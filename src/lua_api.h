@@ -51,6 +51,13 @@ void lua_api_encode_json(lua_State *L, int idx);
  * JSON; raises when out of memory. */
 void lua_api_push_json(lua_State *L, const char *s, size_t n);
 
+/* Steps, as lua_next() does and as raw, through the keys of the table at
+ * `t` to the next one that is not a string listed in `known` (NULL
+ * terminated). Start with nil pushed. Returns 1 with that key on top of
+ * the stack (where the next call goes on from), or 0 when no such key is
+ * left, the key popped. */
+int lua_api_next_unknown(lua_State *L, int t, const char *const *known);
+
 /* Clears the scratch counts of errord.count() used by tests, then copies in
  * the key -> number pairs of the table at `idx` (when it is a table). */
 void lua_api_reset_test_counts(lua_State *L, int idx);

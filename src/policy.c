@@ -290,15 +290,8 @@ static void check_known(policy_t *p, lua_State *L, int t, const char *where,
                         const char *const *known, int warn)
 {
     t = lua_absindex(L, t);
-    lua_pushnil(L);
-    while (lua_next(L, t) != 0) {
-        lua_pop(L, 1);
+    for (lua_pushnil(L); lua_api_next_unknown(L, t, known);) {
         const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        int found = 0;
-        for (const char *const *q = known; k != NULL && *q != NULL && !found; q++)
-            found = strcmp(k, *q) == 0;
-        if (found)
-            continue;
         problem(p, k ? source_line(p, k, 1, 0) : 0, warn, "%s: unknown key '%s'%s", where,
                 k ? k : luaL_typename(L, -1), warn ? " (ignored)" : "");
     }
@@ -1180,18 +1173,11 @@ static int run_case(lua_State *L, test_run_t *r, int t)
     policy_input_t in = {0};
     size_t body_len = 0;
 
-    for (lua_pushnil(L); lua_next(L, t) != 0; lua_pop(L, 1)) {
-        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-        int found = 0;
-        for (const char *const *q = known; k != NULL && *q != NULL && !found; q++)
-            found = strcmp(k, *q) == 0;
-        if (!found) {
-            lua_pop(L, 1);
-            TEST_FAIL(r, "unknown key '%s' (a test has name, req, res or err, attempt, counts "
-                         "and expect)",
-                      k ? k : luaL_typename(L, -1));
-        }
-    }
+    lua_pushnil(L);
+    if (lua_api_next_unknown(L, t, known))
+        TEST_FAIL(r, "unknown key '%s' (a test has name, req, res or err, attempt, counts "
+                     "and expect)",
+                  lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1));
     int req = rawfield(L, t, "req") == LUA_TTABLE ? lua_gettop(L) : 0;
     if (!req && !lua_isnil(L, -1))
         TEST_FAIL(r, "req must be a table");
@@ -1265,17 +1251,10 @@ static int test_step(lua_State *L)
     int e = rawfield(L, 2, "expect") == LUA_TTABLE ? lua_gettop(L) : 0;
     if (!e)
         TEST_FAIL(r, "expect must be a table such as { verdict = \"retry\" }");
-    for (lua_pushnil(L); lua_next(L, e) != 0; lua_pop(L, 1)) {
-        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-        int found = 0;
-        for (const char *const *q = known_expect; k != NULL && *q != NULL && !found; q++)
-            found = strcmp(k, *q) == 0;
-        if (!found) {
-            lua_pop(L, 1);
-            TEST_FAIL(r, "expect: unknown key '%s' (it has verdict, status, reason and alert)",
-                      k ? k : luaL_typename(L, -1));
-        }
-    }
+    lua_pushnil(L);
+    if (lua_api_next_unknown(L, e, known_expect))
+        TEST_FAIL(r, "expect: unknown key '%s' (it has verdict, status, reason and alert)",
+                  lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1));
     rawfield(L, e, "verdict");
     if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), verdict_name(r->v.kind)) != 0)
         TEST_FAIL(r, "expected verdict %s, got %s", lua_tostring(L, -1), verdict_name(r->v.kind));
