@@ -43,14 +43,6 @@ void lua_api_end_views(lua_State *L, int req_idx, int res_idx);
  * Returns 0, or -1 with a message in `err`. */
 int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen);
 
-/* Pushes the JSON text of the value at `idx`, as errord.json.encode does
- * (tables read raw, no metamethods run); raises what JSON cannot hold. */
-void lua_api_encode_json(lua_State *L, int idx);
-
-/* Pushes the Lua value of `n` bytes of JSON text, or nil when it is not
- * JSON; raises when out of memory. */
-void lua_api_push_json(lua_State *L, const char *s, size_t n);
-
 /* Steps, as lua_next() does and as raw, through the keys of the table at
  * `t` to the next one that is not a string listed in `known` (NULL
  * terminated). Start with nil pushed. Returns 1 with that key on top of

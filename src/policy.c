@@ -11,6 +11,7 @@
 #include "clock.h"
 #include "log.h"
 #include "lua_api.h"
+#include "lua_json.h"
 #include "redact.h"
 #include "sandbox.h"
 #include "sha256.h"
@@ -1158,7 +1159,7 @@ static int raised_alert(const buf_t *alerts, const char *name)
 /* Protected: the JSON text of the value at 1. */
 static int encode_step(lua_State *L)
 {
-    lua_api_encode_json(L, 1);
+    lua_json_encode(L, 1);
     return 1;
 }
 
@@ -1370,7 +1371,7 @@ int policy_run_tests(policy_t *p, void (*report)(const policy_test_result_t *r, 
 /* Protected: decodes the JSON (1, 2: text and length) into a Lua value. */
 static int decode_step(lua_State *L)
 {
-    lua_api_push_json(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
+    lua_json_decode(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
     return 1;
 }
 
