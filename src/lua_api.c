@@ -34,8 +34,6 @@ static lua_api_ctx_t *ctx_of(lua_State *L)
 
 /* ---- errord.* helpers -------------------------------------------------------------- */
 
-/* errord.count(key, seconds = 60, add = 1): adds `add` (1 or 0) events and
- * returns the events of the last `seconds`. */
 /* errord.count in a policy test: what the case's `counts` preset for the
  * key (1), plus the events counted since. A preset is a number, the count
  * of every window, or a table of counts by window in seconds; an event
@@ -67,6 +65,8 @@ static int test_count(lua_State *L, lua_Integer seconds, lua_Integer add)
     return 1;
 }
 
+/* errord.count(key, seconds = 60, add = 1): adds `add` (1 or 0) events and
+ * returns the events of the last `seconds`. */
 static int l_count(lua_State *L)
 {
     size_t n;

@@ -1,13 +1,16 @@
 /* lua_api: what a policy sees — the verdict constructors (pass, retry,
- * respond), the side effects (log, alert), the errord helper table, the lazy
- * read-only req/res views, and JSON in both directions. Only the Lua modules
- * include this header. */
+ * respond), the side effects (log, alert, print), the errord helper table
+ * (count, backoff, now_ms, cooldown, json), and the lazy read-only req/res
+ * views. It knows the policy's settings and the call in progress through
+ * its context, never the policy itself. Only the Lua modules include this
+ * header. */
 #ifndef ERRORD_LUA_API_H
 #define ERRORD_LUA_API_H
 
 #include "buf.h"
-#include "policy.h"
 #include "rand.h"
+#include "settings.h"
+#include "verdict.h"
 
 #include <lua.h>
 
@@ -27,20 +30,25 @@ typedef struct {
 } lua_api_ctx_t;
 
 /* Installs the API as globals of the state (whose sandbox context must be a
- * lua_api_ctx_t). */
+ * lua_api_ctx_t that outlives it). Raises when out of memory, so it runs
+ * protected. */
 void lua_api_open(lua_State *L);
 
 /* Pushes the `req` view and then the `res` view (or the `err` table when
  * in->res is NULL). They read `in` lazily, so it must live until
- * lua_api_end_views(). */
+ * lua_api_end_views(); the caller keeps owning it. Raises when out of
+ * memory. */
 void lua_api_push_views(lua_State *L, const policy_input_t *in);
 
 /* Detaches the views at `req_idx` and `res_idx` from their input: a policy
  * that kept them gets an error instead of reading freed memory. */
 void lua_api_end_views(lua_State *L, int req_idx, int res_idx);
 
-/* Turns the value at `idx` (what a handler returned) into a verdict.
- * Returns 0, or -1 with a message in `err`. */
+/* Turns the value at `idx` (what a handler returned: nil or a verdict
+ * userdata) into `out`, copying respond{}'s header lines and body into
+ * out's buffers, which the caller frees with verdict_reset(). Runs no Lua
+ * code and does not raise. Returns 0, or -1 with a message in `err` when
+ * the value is not a verdict. */
 int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen);
 
 /* Steps, as lua_next() does and as raw, through the keys of the table at
@@ -50,8 +58,10 @@ int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t err
  * left, the key popped. */
 int lua_api_next_unknown(lua_State *L, int t, const char *const *known);
 
-/* Clears the scratch counts of errord.count() used by tests, then copies in
- * the key -> number pairs of the table at `idx` (when it is a table). */
+/* Clears the scratch counts errord.count() reads and adds to while a
+ * policy's tests run, then presets them from the table at `idx` (when it is
+ * one): key -> a count for every window, or key -> { [seconds] = count }.
+ * Raises when out of memory. */
 void lua_api_reset_test_counts(lua_State *L, int idx);
 
 #endif
