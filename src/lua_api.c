@@ -177,6 +177,17 @@ static void check_keys(lua_State *L, const char *fn, const char *const *allowed)
     luaL_error(L, "%s{}: unknown %s key", fn, luaL_typename(L, -1));
 }
 
+/* Checks that the argument at 1 is a table with no keys but `fields`, and
+ * pushes those fields in their order (read as the policy would: this runs
+ * inside its call). */
+static void push_fields(lua_State *L, const char *fn, const char *const *fields)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_keys(L, fn, fields);
+    for (const char *const *f = fields; *f != NULL; f++)
+        lua_getfield(L, 1, *f);
+}
+
 static int l_pass(lua_State *L)
 {
     new_verdict(L, VERDICT_PASS);
@@ -202,12 +213,7 @@ static int l_retry(lua_State *L)
         lua_settop(L, 0);
         lua_newtable(L);
     }
-    luaL_checktype(L, 1, LUA_TTABLE);
-    check_keys(L, "retry", fields);
-    lua_getfield(L, 1, "after");
-    lua_getfield(L, 1, "reason");
-    lua_getfield(L, 1, "unsafe");
-    lua_getfield(L, 1, "cooldown");
+    push_fields(L, "retry", fields); /* 2 to 5 */
     lverdict_t *v = new_verdict(L, VERDICT_RETRY);
     if (!lua_isnil(L, 2)) {
         double after = lua_tonumber(L, 2);
@@ -248,11 +254,7 @@ static int l_respond(lua_State *L)
                                            "proxy-connection", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    check_keys(L, "respond", fields);
-    lua_getfield(L, 1, "status");  /* 2 */
-    lua_getfield(L, 1, "json");    /* 3 */
-    lua_getfield(L, 1, "body");    /* 4 */
-    lua_getfield(L, 1, "headers"); /* 5 */
+    push_fields(L, "respond", fields); /* 2 to 5 */
     if (!lua_isinteger(L, 2) || lua_tointeger(L, 2) < 200 || lua_tointeger(L, 2) > 599)
         luaL_error(L, "respond{}: status must be an integer from 200 to 599");
     if (!lua_isnil(L, 3) && !lua_isnil(L, 4))
@@ -468,12 +470,7 @@ static int l_alert(lua_State *L)
 {
     static const char *const fields[] = {"name", "severity", "summary", "labels", NULL};
     lua_api_ctx_t *c = ctx_of(L);
-    luaL_checktype(L, 1, LUA_TTABLE);
-    check_keys(L, "alert", fields);
-    lua_getfield(L, 1, "name");
-    lua_getfield(L, 1, "severity");
-    lua_getfield(L, 1, "summary");
-    lua_getfield(L, 1, "labels");
+    push_fields(L, "alert", fields); /* 2 to 5 */
     size_t name_len;
     const char *name = lua_tolstring(L, 2, &name_len);
     if (lua_type(L, 2) != LUA_TSTRING || !http_is_token(name, name_len))
@@ -575,22 +572,6 @@ typedef struct {
     const policy_input_t *in;
 } lview_t;
 
-/* The input behind the view at 1, after checking the cache for key 2:
- * returns NULL with the cached value pushed when there is one. */
-static const policy_input_t *view_input(lua_State *L, const char *what)
-{
-    const lview_t *v = lua_touserdata(L, 1);
-    if (v->in == NULL)
-        luaL_error(L, "%s was kept past its handler; copy what you need instead", what);
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    lua_rawget(L, -2);
-    if (!lua_isnil(L, -1))
-        return NULL; /* cached */
-    lua_pop(L, 2);
-    return v->in;
-}
-
 /* headers: lower-case names; repeated fields joined with ", ". Secret
  * headers too, as sent: what the policy writes out is redacted instead. */
 static void push_headers(lua_State *L, const http_head_t *h)
@@ -635,14 +616,10 @@ static int cache(lua_State *L)
     return 1;
 }
 
-static int req_index(lua_State *L)
+/* Pushes the field `k` of the req view of `in`; returns 0 when there is
+ * none. */
+static int req_field(lua_State *L, const policy_input_t *in, const char *k)
 {
-    if (lua_type(L, 2) != LUA_TSTRING)
-        return 0;
-    const policy_input_t *in = view_input(L, "req");
-    if (in == NULL)
-        return 1;
-    const char *k = lua_tostring(L, 2);
     const http_head_t *r = in->req;
     if (strcmp(k, "method") == 0)
         lua_pushstring(L, r->method_name);
@@ -658,17 +635,13 @@ static int req_index(lua_State *L)
         lua_pushnumber(L, ms(in->elapsed_ns));
     else
         return 0;
-    return cache(L);
+    return 1;
 }
 
-static int res_index(lua_State *L)
+/* Pushes the field `k` of the res view of `in`; returns 0 when there is
+ * none (a body that is not JSON has no json). */
+static int res_field(lua_State *L, const policy_input_t *in, const char *k)
 {
-    if (lua_type(L, 2) != LUA_TSTRING)
-        return 0;
-    const policy_input_t *in = view_input(L, "res");
-    if (in == NULL)
-        return 1;
-    const char *k = lua_tostring(L, 2);
     if (strcmp(k, "status") == 0) {
         lua_pushinteger(L, in->res->status);
     } else if (strcmp(k, "headers") == 0) {
@@ -681,8 +654,10 @@ static int res_index(lua_State *L)
         if (in->body == NULL)
             return 0;
         lua_json_decode(L, in->body, in->body_len);
-        if (lua_isnil(L, -1))
-            return 1;
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            return 0;
+        }
     } else if (strcmp(k, "retry_after_ms") == 0) {
         int64_t ms = http_retry_after_ms(in->res, clock_wall_ms());
         if (ms < 0)
@@ -693,7 +668,38 @@ static int res_index(lua_State *L)
     } else {
         return 0;
     }
+    return 1;
+}
+
+/* __index of a view (at 1, its input named `what` in messages) for the key
+ * at 2: the cached value, or what `field` pushes, cached. */
+static int view_index(lua_State *L, const char *what,
+                      int (*field)(lua_State *L, const policy_input_t *in, const char *k))
+{
+    if (lua_type(L, 2) != LUA_TSTRING)
+        return 0;
+    const lview_t *v = lua_touserdata(L, 1);
+    if (v->in == NULL)
+        luaL_error(L, "%s was kept past its handler; copy what you need instead", what);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    if (!lua_isnil(L, -1))
+        return 1; /* cached */
+    lua_pop(L, 2);
+    if (!field(L, v->in, lua_tostring(L, 2)))
+        return 0;
     return cache(L);
+}
+
+static int req_index(lua_State *L)
+{
+    return view_index(L, "req", req_field);
+}
+
+static int res_index(lua_State *L)
+{
+    return view_index(L, "res", res_field);
 }
 
 static int view_newindex(lua_State *L)

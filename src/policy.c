@@ -437,6 +437,16 @@ static void log_redacted(log_record_t *r, const char *key, const policy_settings
     buf_free(&clean);
 }
 
+/* Names in `r` what the handler was asked about: the status, or the kind
+ * of failure. */
+static void log_subject(log_record_t *r, const policy_input_t *in)
+{
+    if (in->res != NULL)
+        log_int(r, "status", in->res->status);
+    else
+        log_str(r, "error_kind", in->err_kind);
+}
+
 /* Counts a handler call that ran out of time or memory; sets the handler
  * aside when it is the SET_ASIDE_AFTER-th within the window, or the first
  * on probation. */
@@ -464,10 +474,7 @@ static void note_exhausted(handler_health_t *h, const policy_settings_t *s,
     h->probation_ms = 0;
     h->until_ms = now + ms;
     log_record_t *r = log_begin(LOG_ERROR, "policy handler set aside: its responses pass for a while");
-    if (in->res != NULL)
-        log_int(r, "status", in->res->status);
-    else
-        log_str(r, "error_kind", in->err_kind);
+    log_subject(r, in);
     log_int(r, "failures", failures);
     log_int(r, "within_ms", SET_ASIDE_WINDOW_MS);
     log_int(r, "for_ms", (int64_t)ms);
@@ -506,10 +513,7 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
     out->failure = trace.len == 0 && st == SANDBOX_ERROR ? "verdict" : sandbox_status_name(st);
     log_record_t *r = log_begin(LOG_ERROR, "policy handler failed; passing the response through");
     log_str(r, "request_id", in->request_id);
-    if (in->res != NULL)
-        log_int(r, "status", in->res->status);
-    else
-        log_str(r, "error_kind", in->err_kind);
+    log_subject(r, in);
     log_str(r, "kind", out->failure);
     /* a handler may raise with a secret in its message */
     log_redacted(r, "error", &p->settings, in, msg, strlen(msg));

@@ -77,6 +77,16 @@ static char *copy_string(lua_State *L, const char *s)
     return c;
 }
 
+/* A zeroed array of `n` + 1 elements of `size` bytes (free() it); raises
+ * when out of memory. */
+static void *new_list(lua_State *L, size_t n, size_t size)
+{
+    void *a = calloc(n + 1, size);
+    if (a == NULL)
+        luaL_error(L, "out of memory");
+    return a;
+}
+
 /* Reads the sink at `e` (the nth, from 1) into `k`; returns -1 after noting
  * a policy_problem. */
 static int read_sink(policy_t *p, lua_State *L, int e, int nth, policy_sink_t *k)
@@ -169,9 +179,7 @@ static void read_sinks(policy_t *p, lua_State *L, int t)
         return;
     }
     policy_settings_t *s = &p->settings;
-    s->sinks = calloc(n + 1, sizeof *s->sinks);
-    if (s->sinks == NULL)
-        luaL_error(L, "out of memory");
+    s->sinks = new_list(L, n, sizeof *s->sinks);
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, t, (lua_Integer)i + 1);
         s->n_sinks = i + 1; /* owned from here on, for policy_release */
@@ -191,9 +199,7 @@ static void read_secret_headers(policy_t *p, lua_State *L, int t)
         return;
     }
     policy_settings_t *s = &p->settings;
-    s->secret_headers = calloc(n + 1, sizeof *s->secret_headers);
-    if (s->secret_headers == NULL)
-        luaL_error(L, "out of memory");
+    s->secret_headers = new_list(L, n, sizeof *s->secret_headers);
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, t, (lua_Integer)i + 1);
         size_t len = 0;
