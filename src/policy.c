@@ -108,7 +108,7 @@ static void read_handlers(policy_t *p, lua_State *L, int policy)
                 snprintf(key, sizeof key, "%s", lua_tostring(L, -1));
                 lua_pop(L, 1);
                 policy_problem(p, line ? line : policy_source_line(p, key, 1, 0), 0,
-                        "handler key [%s] is not a status from 100 to 599", key);
+                               "handler key [%s] is not a status from 100 to 599", key);
                 lua_pop(L, 1);
                 continue;
             }
@@ -143,29 +143,30 @@ static void read_handlers(policy_t *p, lua_State *L, int policy)
                 continue;
             } else if (n == 3 && k[0] >= '1' && k[0] <= '5' && k[1] >= '0' && k[1] <= '9' &&
                        k[2] >= '0' && k[2] <= '9') {
-                policy_problem(p, line, 0, "handler key \"%s\" is a string: write [%s], a number", k, k);
+                policy_problem(p, line, 0, "handler key \"%s\" is a string: write [%s], a number",
+                               k, k);
                 lua_pop(L, 1);
                 continue;
             } else {
                 policy_problem(p, line, 1,
-                        "unknown key '%s' ignored: handler keys are statuses ([403]), classes "
-                        "(\"5xx\"), default and error",
-                        k);
+                               "unknown key '%s' ignored: handler keys are statuses ([403]), "
+                               "classes (\"5xx\"), default and error",
+                               k);
                 lua_pop(L, 1);
                 continue;
             }
             snprintf(name, sizeof name, "%s", k);
         } else {
             policy_problem(p, line, 0,
-                    "policy keys are statuses, classes (\"4xx\"), default, error, settings or "
-                    "tests; found a %s key",
-                    luaL_typename(L, -2));
+                           "policy keys are statuses, classes (\"4xx\"), default, error, "
+                           "settings or tests; found a %s key",
+                           luaL_typename(L, -2));
             lua_pop(L, 1);
             continue;
         }
         if (!is_fn) {
             policy_problem(p, line, 0, "handler %s must be a function, not a %s", name,
-                    luaL_typename(L, -1));
+                           luaL_typename(L, -1));
             lua_pop(L, 1);
             continue;
         }

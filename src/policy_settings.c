@@ -39,8 +39,8 @@ static void check_known(policy_t *p, lua_State *L, int t, const char *where,
     t = lua_absindex(L, t);
     for (lua_pushnil(L); lua_api_next_unknown(L, t, known);) {
         const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        policy_problem(p, k ? policy_source_line(p, k, 1, 0) : 0, warn, "%s: unknown key '%s'%s", where,
-                k ? k : luaL_typename(L, -1), warn ? " (ignored)" : "");
+        policy_problem(p, k ? policy_source_line(p, k, 1, 0) : 0, warn, "%s: unknown key '%s'%s",
+                       where, k ? k : luaL_typename(L, -1), warn ? " (ignored)" : "");
     }
 }
 
@@ -52,8 +52,9 @@ static void setting_int(policy_t *p, lua_State *L, int t, const char *where, con
     policy_rawfield(L, t, name);
     if (!lua_isnil(L, -1)) {
         if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < min || lua_tointeger(L, -1) > max)
-            policy_problem(p, policy_source_line(p, name, 1, 0), 0, "%s.%s must be an integer from %lld to %lld",
-                    where, name, (long long)min, (long long)max);
+            policy_problem(p, policy_source_line(p, name, 1, 0), 0,
+                           "%s.%s must be an integer from %lld to %lld", where, name,
+                           (long long)min, (long long)max);
         else
             *out = lua_tointeger(L, -1);
     }
@@ -112,7 +113,8 @@ static int read_sink(policy_t *p, lua_State *L, int e, int nth, policy_sink_t *k
             if (strcmp(lua_tostring(L, -1), kinds[j]) == 0)
                 kind = j;
     if (kind < 0)
-        policy_problem(p, line, 0, "%s.kind must be alertmanager, webhook, slack or pagerduty", where);
+        policy_problem(p, line, 0, "%s.kind must be alertmanager, webhook, slack or pagerduty",
+                       where);
     k->kind = kind < 0 ? SINK_WEBHOOK : (sink_kind_t)kind;
     if (policy_rawfield(L, e, "url") != LUA_TSTRING ||
         (strncmp(lua_tostring(L, -1), "http://", 7) != 0 &&
@@ -148,7 +150,7 @@ static int read_sink(policy_t *p, lua_State *L, int e, int nth, policy_sink_t *k
         if (!ok) {
             buf_free(&b);
             policy_problem(p, policy_source_line(p, "headers", 1, 0), 0,
-                    "%s.headers must map header names to header values (strings)", where);
+                           "%s.headers must map header names to header values (strings)", where);
         }
         k->headers = b.data; /* owned; NULL when empty */
     }
@@ -169,13 +171,14 @@ static void read_sinks(policy_t *p, lua_State *L, int t)
 {
     if (!lua_istable(L, t)) {
         policy_problem(p, policy_source_line(p, "alerts", 1, 0), 0,
-                "settings.alerts must be a list of { kind = ..., url = ... }");
+                       "settings.alerts must be a list of { kind = ..., url = ... }");
         return;
     }
     luaL_checkstack(L, 16, "settings.alerts");
     size_t n = (size_t)lua_rawlen(L, t);
     if (n > 32) {
-        policy_problem(p, policy_source_line(p, "alerts", 1, 0), 0, "settings.alerts: at most 32 sinks");
+        policy_problem(p, policy_source_line(p, "alerts", 1, 0), 0,
+                       "settings.alerts: at most 32 sinks");
         return;
     }
     policy_settings_t *s = &p->settings;
@@ -195,7 +198,8 @@ static void read_secret_headers(policy_t *p, lua_State *L, int t)
     int line = policy_source_line(p, "secret_headers", 1, 0);
     size_t n = lua_istable(L, t) ? (size_t)lua_rawlen(L, t) : 0;
     if (!lua_istable(L, t) || n > 64) {
-        policy_problem(p, line, 0, "settings.secret_headers must be a list of at most 64 header names");
+        policy_problem(p, line, 0,
+                       "settings.secret_headers must be a list of at most 64 header names");
         return;
     }
     policy_settings_t *s = &p->settings;
@@ -288,7 +292,8 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
             (!lua_isnil(L, -1) && (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0 ||
                                    lua_tonumber(L, -1) > 1000000))) {
             policy_problem(p, budget_line, 0,
-                    "settings.budget is { ratio = 0 to 100, min_per_s = 0 or more }, or false");
+                           "settings.budget is { ratio = 0 to 100, min_per_s = 0 or more }, "
+                           "or false");
         } else {
             if (!lua_isnil(L, -2))
                 s->budget_ratio = lua_tonumber(L, -2);
@@ -296,7 +301,8 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
                 s->budget_min_per_s = lua_tonumber(L, -1);
         }
     } else if (bt != LUA_TNIL) {
-        policy_problem(p, budget_line, 0, "settings.budget is { ratio = ..., min_per_s = ... }, or false");
+        policy_problem(p, budget_line, 0,
+                       "settings.budget is { ratio = ..., min_per_s = ... }, or false");
     }
     lua_settop(L, t);
 
@@ -305,7 +311,7 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
         int64_t base = (int64_t)s->backoff_base_ms, max = (int64_t)s->backoff_max_ms;
         if (!lua_istable(L, b)) {
             policy_problem(p, policy_source_line(p, "backoff", 1, 0), 0,
-                    "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
+                           "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
         } else {
             int was = policy_anchor_at(p, "backoff");
             check_known(p, L, b, "settings.backoff", known_backoff, 1);
@@ -313,7 +319,7 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
             setting_int(p, L, b, "settings.backoff", "max_ms", 0, 3600000, &max);
             if (max < base)
                 policy_problem(p, policy_source_line(p, "max_ms", 1, 0), 0,
-                        "settings.backoff.max_ms must not be below base_ms");
+                               "settings.backoff.max_ms must not be below base_ms");
             else {
                 s->backoff_base_ms = (uint64_t)base;
                 s->backoff_max_ms = (uint64_t)max;
@@ -329,7 +335,8 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
         int64_t mb = (int64_t)(s->memory_limit >> 20);
         int64_t aside = (int64_t)(s->set_aside_ms / 1000);
         if (!lua_istable(L, l)) {
-            policy_problem(p, policy_source_line(p, "limits", 1, 0), 0, "settings.limits must be a table");
+            policy_problem(p, policy_source_line(p, "limits", 1, 0), 0,
+                           "settings.limits must be a table");
         } else {
             int was = policy_anchor_at(p, "limits");
             check_known(p, L, l, "settings.limits", known_limits, 1);
@@ -343,7 +350,7 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
             s->memory_limit = (size_t)mb << 20;
             if (sandbox_memory(p->sandbox) > s->memory_limit)
                 policy_problem(p, policy_source_line(p, "memory_mb", 1, 0), 0,
-                        "the policy already uses more than settings.limits.memory_mb");
+                               "the policy already uses more than settings.limits.memory_mb");
             p->anchor = was;
         }
     }

@@ -196,7 +196,8 @@ static int run_case(lua_State *L, test_run_t *r, int t)
     lua_pop(L, 1);
     if (ref != LUA_NOREF) {
         r->handled = 1;
-        if (policy_call_handler(p, ref, &in, &r->v, r->failed, sizeof r->failed, NULL) != SANDBOX_OK)
+        if (policy_call_handler(p, ref, &in, &r->v, r->failed, sizeof r->failed, NULL) !=
+            SANDBOX_OK)
             verdict_reset(&r->v);
     }
     return 1;
@@ -282,7 +283,7 @@ static int run_list(policy_t *p, lua_State *L, int tests, int line_of,
         int t = lua_gettop(L);
         if (!lua_istable(L, t)) {
             snprintf(err, errlen, "tests[%lld] is a %s, not a test table", (long long)i,
-                 luaL_typename(L, t));
+                     luaL_typename(L, t));
             failed = -1;
             break;
         }
