@@ -13,7 +13,7 @@
 #define ERRORD_SINK_H
 
 #include "buf.h"
-#include "policy.h"
+#include "settings.h"
 
 #include <uv.h>
 
