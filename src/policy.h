@@ -34,6 +34,8 @@ typedef struct {
 
 #define POLICY_REPORT_INIT {BUF_INIT, BUF_INIT, 0, 0}
 
+/* Frees what the report holds; it is empty (POLICY_REPORT_INIT) again
+ * afterwards. */
 void policy_report_free(policy_report_t *r);
 
 /* Loads and checks the policy source `src` (what the file `path` held):
@@ -94,7 +96,11 @@ int policy_try(policy_t *p, const char *json, size_t len, int64_t now_ms, policy
 void policy_hold(policy_t *p);
 void policy_release(policy_t *p);
 
+/* The policy's settings, errord's defaults where it says nothing. They
+ * belong to the policy and live as long as it does. */
 const policy_settings_t *policy_settings(const policy_t *p);
+
+/* The path the policy was loaded from; it lives as long as the policy. */
 const char *policy_path(const policy_t *p);
 
 /* The SHA-256 of the policy's source, 64 hex digits. */
@@ -113,8 +119,10 @@ int policy_handles(const policy_t *p, int status);
 /* Whether failures without a status go to an `error` handler. */
 int policy_handles_errors(const policy_t *p);
 
-/* Asks the handler for `in` and fills `out` (which starts as VERDICT_INIT).
- * Never fails: a broken handler yields pass with out->failure set. */
+/* Asks the handler for `in` (which must live for the call) and fills `out`
+ * (which starts as VERDICT_INIT; the caller frees it with verdict_reset()).
+ * Never fails: a broken handler, or one set aside, yields pass with
+ * out->failure set, and the failure is logged with its secrets redacted. */
 void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out);
 
 /* The delay of a retry the handler gave no `after` for: backoff_delay_ms()

@@ -185,7 +185,7 @@ static void read_sinks(policy_t *p, lua_State *L, int t)
     s->sinks = new_list(L, n, sizeof *s->sinks);
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, t, (lua_Integer)i + 1);
-        s->n_sinks = i + 1; /* owned from here on, for policy_release */
+        s->n_sinks = i + 1; /* owned from here on, for policy_settings_free */
         read_sink(p, L, lua_gettop(L), (int)i + 1, &s->sinks[i]);
         lua_settop(L, t);
     }
