@@ -144,6 +144,20 @@ const http_error_t *http_parser_error(const http_parser_t *p);
 /* Frees a head handed out by on_head. NULL is fine. */
 void http_head_free(http_head_t *h);
 
+/* A head built by hand rather than parsed (a policy's test cases):
+ * HTTP/1.1, no Content-Length, room for `n_headers` fields. A request when
+ * `method` is not NULL (with `target`, both C strings, copied), else a
+ * response with `status`. Returns NULL when out of memory; free it with
+ * http_head_free(). */
+http_head_t *http_head_new(const char *method, const char *target, int status, size_t n_headers);
+
+/* Adds a header field to a head made by http_head_new(), copying its name
+ * and value. Pointers into the head stay valid only until the next call.
+ * Returns 0, or -1 when out of memory or out of room (the head is as it
+ * was). */
+int http_head_add(http_head_t *h, const char *name, size_t name_len, const char *value,
+                  size_t value_len);
+
 /* The first header field named `name` (case-insensitive), or NULL. */
 const http_header_t *http_head_find(const http_head_t *h, const char *name);
 

@@ -32,83 +32,41 @@ typedef struct {
     } while (0)
 
 /* Builds a head from a test's req or res table at `idx` into *slot (which
- * owns it from the first allocation on). */
+ * owns it as soon as it exists). */
 static void test_head(lua_State *L, int idx, int is_res, http_head_t **slot)
 {
-    http_head_t *h = calloc(1, sizeof *h);
-    if (h == NULL)
-        luaL_error(L, "out of memory");
-    *slot = h;
-    h->content_length = -1;
-    h->version = 11;
     size_t n_headers = 0;
     int headers = policy_rawfield(L, idx, "headers") == LUA_TTABLE ? lua_gettop(L) : 0;
-    if (headers) {
-        lua_pushnil(L);
-        while (lua_next(L, headers) != 0) {
+    if (headers)
+        for (lua_pushnil(L); lua_next(L, headers) != 0; lua_pop(L, 1))
             n_headers++;
-            lua_pop(L, 1);
-        }
-    }
-    h->headers = calloc(n_headers + 1, sizeof *h->headers);
-    if (h->headers == NULL)
-        luaL_error(L, "out of memory");
-    /* Every string goes into the arena first; pointers are taken after, as
-     * appending may move it. */
-    buf_t *a = &h->arena;
-    size_t method_off = 0, target_off = 0;
     if (!is_res) {
         policy_rawfield(L, idx, "method");
-        const char *m = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "GET";
-        method_off = a->len;
-        buf_append(a, m, strlen(m) + 1);
         policy_rawfield(L, idx, "path");
+        const char *m = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "GET";
         const char *path = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "/";
-        target_off = a->len;
-        h->target_len = strlen(path);
-        buf_append(a, path, h->target_len + 1);
+        *slot = http_head_new(m, path, 0, n_headers);
         lua_pop(L, 2);
-        static const struct {
-            const char *name;
-            http_method_t m;
-        } methods[] = {{"GET", HTTP_M_GET},         {"HEAD", HTTP_M_HEAD},   {"POST", HTTP_M_POST},
-                       {"PUT", HTTP_M_PUT},         {"DELETE", HTTP_M_DELETE},
-                       {"OPTIONS", HTTP_M_OPTIONS}, {"PATCH", HTTP_M_PATCH}};
-        for (size_t i = 0; i < sizeof methods / sizeof *methods; i++)
-            if (strcmp(m, methods[i].name) == 0)
-                h->method = methods[i].m;
     } else {
         policy_rawfield(L, idx, "status");
-        h->status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+        int status = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+        *slot = http_head_new(NULL, NULL, status, n_headers);
         lua_pop(L, 1);
     }
+    if (*slot == NULL)
+        luaL_error(L, "out of memory");
     if (headers) {
-        lua_pushnil(L);
-        while (lua_next(L, headers) != 0) {
-            if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING) {
-                http_header_t *f = &h->headers[h->n_headers++];
-                size_t kn, vn;
-                const char *k = lua_tolstring(L, -2, &kn);
-                const char *v = lua_tolstring(L, -1, &vn);
-                f->name_off = (uint32_t)a->len;
-                f->name_len = (uint32_t)kn;
-                buf_append(a, k, kn);
-                f->value_off = (uint32_t)a->len;
-                f->value_len = (uint32_t)vn;
-                buf_append(a, v, vn);
-            }
-            lua_pop(L, 1);
+        for (lua_pushnil(L); lua_next(L, headers) != 0; lua_pop(L, 1)) {
+            size_t kn, vn;
+            if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+                continue;
+            const char *k = lua_tolstring(L, -2, &kn);
+            const char *v = lua_tolstring(L, -1, &vn);
+            if (http_head_add(*slot, k, kn, v, vn) < 0)
+                luaL_error(L, "out of memory");
         }
     }
     lua_pop(L, 1); /* headers */
-    buf_append(a, "", 1);
-    h->method_name = is_res ? "" : a->data + method_off;
-    h->target = is_res ? "" : a->data + target_off;
-    h->reason = "";
-    for (size_t i = 0; i < h->n_headers; i++) {
-        h->headers[i].name = a->data + h->headers[i].name_off;
-        h->headers[i].value = a->data + h->headers[i].value_off;
-    }
 }
 
 /* Whether `name` is one of the '\n'-terminated names in `alerts`. */

@@ -215,6 +215,52 @@ TEST(policy_try_answers_one_case_and_keeps_its_effects_inside)
     policy_report_free(&rep);
 }
 
+/* A case's heads hold every header it gives, however many: the head grows
+ * (and moves) as they are added, and the handler still reads them all. */
+TEST(policy_try_case_heads_keep_every_header)
+{
+    policy_report_t rep = POLICY_REPORT_INIT;
+    policy_t *p = load_report("heads.lua",
+                              "return { [200] = function(req, res)\n"
+                              "  local ok = req.method == 'PUT' and req.path == '/p?q=1'\n"
+                              "  for i = 1, 50 do\n"
+                              "    ok = ok and req.headers['x-h' .. i] == ('v' .. i):rep(30)\n"
+                              "  end\n"
+                              "  for i = 1, 20 do\n"
+                              "    ok = ok and res.headers['x-r' .. i] == ('r' .. i):rep(30)\n"
+                              "  end\n"
+                              "  return respond { status = ok and 201 or 500 }\n"
+                              "end }\n",
+                              &rep);
+    ASSERT_LOADED(p);
+    buf_t c = BUF_INIT;
+    buf_puts(&c, "{\"req\":{\"method\":\"PUT\",\"path\":\"/p?q=1\",\"headers\":{");
+    for (int i = 1; i <= 50; i++) {
+        buf_printf(&c, "%s\"x-h%d\":\"", i > 1 ? "," : "", i);
+        for (int k = 0; k < 30; k++)
+            buf_printf(&c, "v%d", i);
+        buf_puts(&c, "\"");
+    }
+    buf_puts(&c, "}},\"res\":{\"status\":200,\"headers\":{");
+    for (int i = 1; i <= 20; i++) {
+        buf_printf(&c, "%s\"x-r%d\":\"", i > 1 ? "," : "", i);
+        for (int k = 0; k < 30; k++)
+            buf_printf(&c, "r%d", i);
+        buf_puts(&c, "\"");
+    }
+    buf_puts(&c, "}}}");
+    policy_outcome_t o;
+    char err[256];
+    ASSERT_EQ(policy_try(p, c.data, c.len, clock_wall_ms(), &o, err, sizeof err), 0);
+    ASSERT(o.handled);
+    ASSERT_STR(o.error, "");
+    ASSERT_EQ(o.kind, VERDICT_RESPOND);
+    ASSERT_EQ(o.status, 201);
+    buf_free(&c);
+    policy_release(p);
+    policy_report_free(&rep);
+}
+
 TEST(policy_try_counts_on_the_clock_of_the_record)
 {
     policy_report_t rep = POLICY_REPORT_INIT;
