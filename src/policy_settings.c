@@ -169,16 +169,15 @@ static int read_sink(policy_t *p, lua_State *L, int e, int nth, policy_sink_t *k
 /* settings.alerts: a list of { kind = ..., url = ..., ... }. */
 static void read_sinks(policy_t *p, lua_State *L, int t)
 {
+    int line = policy_source_line(p, "alerts", 1, 0);
     if (!lua_istable(L, t)) {
-        policy_problem(p, policy_source_line(p, "alerts", 1, 0), 0,
-                       "settings.alerts must be a list of { kind = ..., url = ... }");
+        policy_problem(p, line, 0, "settings.alerts must be a list of { kind = ..., url = ... }");
         return;
     }
     luaL_checkstack(L, 16, "settings.alerts");
     size_t n = (size_t)lua_rawlen(L, t);
     if (n > 32) {
-        policy_problem(p, policy_source_line(p, "alerts", 1, 0), 0,
-                       "settings.alerts: at most 32 sinks");
+        policy_problem(p, line, 0, "settings.alerts: at most 32 sinks");
         return;
     }
     policy_settings_t *s = &p->settings;
@@ -221,6 +220,25 @@ static void read_secret_headers(policy_t *p, lua_State *L, int t)
             *c = (char)tolower((unsigned char)*c);
         s->secret_headers[s->n_secret_headers++] = copy;
     }
+}
+
+/* Starts reading the table settings.<key> at `t`: when it is not a table,
+ * notes "settings.<key> must be a table<shape>" and returns -1; else notes
+ * its unknown keys, looks for its keys from where it starts on, and returns
+ * the anchor it replaced, for the caller to put back. */
+static int enter_table(policy_t *p, lua_State *L, int t, const char *key,
+                       const char *const *known, const char *shape)
+{
+    char where[32];
+    snprintf(where, sizeof where, "settings.%s", key);
+    if (!lua_istable(L, t)) {
+        policy_problem(p, policy_source_line(p, key, 1, 0), 0, "%s must be a table%s", where,
+                       shape);
+        return -1;
+    }
+    int was = policy_anchor_at(p, key);
+    check_known(p, L, t, where, known, 1);
+    return was;
 }
 
 void policy_read_settings(policy_t *p, lua_State *L, int policy)
@@ -282,9 +300,7 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
         s->budget_on = 0;
     } else if (bt == LUA_TTABLE) {
         int b = lua_gettop(L);
-        int was = policy_anchor_at(p, "budget");
-        check_known(p, L, b, "settings.budget", known_budget, 1);
-        p->anchor = was;
+        p->anchor = enter_table(p, L, b, "budget", known_budget, ""); /* a table: back at once */
         policy_rawfield(L, b, "ratio");
         policy_rawfield(L, b, "min_per_s");
         if ((!lua_isnil(L, -2) && (!lua_isnumber(L, -2) || lua_tonumber(L, -2) < 0 ||
@@ -309,12 +325,9 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
     if (policy_rawfield(L, t, "backoff") != LUA_TNIL) {
         int b = lua_gettop(L);
         int64_t base = (int64_t)s->backoff_base_ms, max = (int64_t)s->backoff_max_ms;
-        if (!lua_istable(L, b)) {
-            policy_problem(p, policy_source_line(p, "backoff", 1, 0), 0,
-                           "settings.backoff must be a table { base_ms = ..., max_ms = ... }");
-        } else {
-            int was = policy_anchor_at(p, "backoff");
-            check_known(p, L, b, "settings.backoff", known_backoff, 1);
+        int was = enter_table(p, L, b, "backoff", known_backoff,
+                              " { base_ms = ..., max_ms = ... }");
+        if (was >= 0) {
             setting_int(p, L, b, "settings.backoff", "base_ms", 0, 3600000, &base);
             setting_int(p, L, b, "settings.backoff", "max_ms", 0, 3600000, &max);
             if (max < base)
@@ -334,12 +347,8 @@ void policy_read_settings(policy_t *p, lua_State *L, int policy)
         int64_t ins = (int64_t)s->handler_instructions, ms = (int64_t)s->handler_time_ms;
         int64_t mb = (int64_t)(s->memory_limit >> 20);
         int64_t aside = (int64_t)(s->set_aside_ms / 1000);
-        if (!lua_istable(L, l)) {
-            policy_problem(p, policy_source_line(p, "limits", 1, 0), 0,
-                           "settings.limits must be a table");
-        } else {
-            int was = policy_anchor_at(p, "limits");
-            check_known(p, L, l, "settings.limits", known_limits, 1);
+        int was = enter_table(p, L, l, "limits", known_limits, "");
+        if (was >= 0) {
             setting_int(p, L, l, "settings.limits", "instructions", 10000, 1000000000, &ins);
             setting_int(p, L, l, "settings.limits", "time_ms", 1, 10000, &ms);
             setting_int(p, L, l, "settings.limits", "memory_mb", 4, 4096, &mb);

@@ -215,6 +215,20 @@ TEST(policy_try_answers_one_case_and_keeps_its_effects_inside)
     policy_report_free(&rep);
 }
 
+/* Appends a JSON object of `n` fields "<name>1" .. "<name>n", field i
+ * holding "<letter>i" thirty times. */
+static void json_fields(buf_t *b, const char *name, char letter, int n)
+{
+    buf_puts(b, "{");
+    for (int i = 1; i <= n; i++) {
+        buf_printf(b, "%s\"%s%d\":\"", i > 1 ? "," : "", name, i);
+        for (int k = 0; k < 30; k++)
+            buf_printf(b, "%c%d", letter, i);
+        buf_puts(b, "\"");
+    }
+    buf_puts(b, "}");
+}
+
 /* A case's heads hold every header it gives, however many: the head grows
  * (and moves) as they are added, and the handler still reads them all. */
 TEST(policy_try_case_heads_keep_every_header)
@@ -234,21 +248,11 @@ TEST(policy_try_case_heads_keep_every_header)
                               &rep);
     ASSERT_LOADED(p);
     buf_t c = BUF_INIT;
-    buf_puts(&c, "{\"req\":{\"method\":\"PUT\",\"path\":\"/p?q=1\",\"headers\":{");
-    for (int i = 1; i <= 50; i++) {
-        buf_printf(&c, "%s\"x-h%d\":\"", i > 1 ? "," : "", i);
-        for (int k = 0; k < 30; k++)
-            buf_printf(&c, "v%d", i);
-        buf_puts(&c, "\"");
-    }
-    buf_puts(&c, "}},\"res\":{\"status\":200,\"headers\":{");
-    for (int i = 1; i <= 20; i++) {
-        buf_printf(&c, "%s\"x-r%d\":\"", i > 1 ? "," : "", i);
-        for (int k = 0; k < 30; k++)
-            buf_printf(&c, "r%d", i);
-        buf_puts(&c, "\"");
-    }
-    buf_puts(&c, "}}}");
+    buf_puts(&c, "{\"req\":{\"method\":\"PUT\",\"path\":\"/p?q=1\",\"headers\":");
+    json_fields(&c, "x-h", 'v', 50);
+    buf_puts(&c, "},\"res\":{\"status\":200,\"headers\":");
+    json_fields(&c, "x-r", 'r', 20);
+    buf_puts(&c, "}}");
     policy_outcome_t o;
     char err[256];
     ASSERT_EQ(policy_try(p, c.data, c.len, clock_wall_ms(), &o, err, sizeof err), 0);
