@@ -1,4 +1,7 @@
-/* policy: a user's Lua policy in a sandbox (see policy.h).
+/* policy: a user's Lua policy in a sandbox (see policy.h): loading it, its
+ * handler table, deciding, and setting aside handlers that keep running
+ * out of time or memory. Settings, the source scanner and the tests have
+ * files of their own (see policy_internal.h).
  *
  * Two rules keep a hostile or broken policy from taking errord down. Every
  * read of a table the policy made is raw (lua_rawget, lua_next), so none of
