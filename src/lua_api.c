@@ -8,18 +8,20 @@
 #include "counter.h"
 #include "log.h"
 #include "lua_json.h"
+#include "lua_view.h"
 #include "redact.h"
 #include "sandbox.h"
 
 #include <lauxlib.h>
 
 #include <ctype.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 /* Registry keys: the addresses of these are unique light userdata. */
-static const char VERDICT_MT = 0, REQ_MT = 0, RES_MT = 0, TEST_COUNTS = 0;
+static const char VERDICT_MT = 0, TEST_COUNTS = 0;
 
 /* The longest delay retry{} and errord.cooldown() accept: an hour. */
 #define MAX_AFTER_MS 3600000
@@ -317,7 +319,11 @@ static int l_respond(lua_State *L)
     return 1;
 }
 
-int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen)
+/* Turns the value at `idx` (what a handler returned: nil or a verdict
+ * userdata) into `out`, copying respond{}'s header lines and body into
+ * out's buffers. Runs no Lua code and does not raise. Returns 0, or -1
+ * with a message in `err` when the value is not a verdict. */
+static int read_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen)
 {
     idx = lua_absindex(L, idx);
     if (lua_isnil(L, idx)) {
@@ -562,182 +568,6 @@ static int l_print(lua_State *L)
     return 0;
 }
 
-/* ---- the req and res views ------------------------------------------------------------------ */
-
-/* A view is a userdata holding a pointer to the input it shows, with a
- * table of the fields computed so far as its user value: scripts can neither
- * write to it nor iterate it, and once its handler returned the pointer is
- * cleared, so a kept view raises instead of reading freed memory. */
-typedef struct {
-    const policy_input_t *in;
-} lview_t;
-
-/* headers: lower-case names; repeated fields joined with ", ". Secret
- * headers too, as sent: what the policy writes out is redacted instead. */
-static void push_headers(lua_State *L, const http_head_t *h)
-{
-    lua_createtable(L, 0, (int)h->n_headers);
-    char name[256];
-    for (size_t i = 0; i < h->n_headers; i++) {
-        const http_header_t *f = &h->headers[i];
-        size_t n = f->name_len < sizeof name ? f->name_len : sizeof name - 1;
-        for (size_t k = 0; k < n; k++)
-            name[k] = (char)tolower((unsigned char)f->name[k]);
-        lua_pushlstring(L, name, n);
-        lua_pushlstring(L, f->value, f->value_len);
-        lua_pushvalue(L, -2);
-        lua_rawget(L, -4);
-        if (!lua_isnil(L, -1)) {
-            /* earlier, ", ", this one */
-            lua_insert(L, -2);
-            lua_pushliteral(L, ", ");
-            lua_insert(L, -2);
-            lua_concat(L, 3);
-        } else {
-            lua_pop(L, 1);
-        }
-        lua_rawset(L, -3);
-    }
-}
-
-static double ms(uint64_t ns)
-{
-    return (double)ns / 1e6;
-}
-
-/* Caches the value on top under the key at 2 and returns it. */
-static int cache(lua_State *L)
-{
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    lua_pushvalue(L, -3);
-    lua_rawset(L, -3);
-    lua_pop(L, 1);
-    return 1;
-}
-
-/* Pushes the field `k` of the req view of `in`; returns 0 when there is
- * none. */
-static int req_field(lua_State *L, const policy_input_t *in, const char *k)
-{
-    const http_head_t *r = in->req;
-    if (strcmp(k, "method") == 0)
-        lua_pushstring(L, r->method_name);
-    else if (strcmp(k, "path") == 0)
-        lua_pushlstring(L, r->target, r->target_len);
-    else if (strcmp(k, "headers") == 0)
-        push_headers(L, r);
-    else if (strcmp(k, "id") == 0)
-        lua_pushstring(L, in->request_id);
-    else if (strcmp(k, "attempt") == 0)
-        lua_pushinteger(L, in->attempt);
-    else if (strcmp(k, "elapsed_ms") == 0)
-        lua_pushnumber(L, ms(in->elapsed_ns));
-    else
-        return 0;
-    return 1;
-}
-
-/* Pushes the field `k` of the res view of `in`; returns 0 when there is
- * none (a body that is not JSON has no json). */
-static int res_field(lua_State *L, const policy_input_t *in, const char *k)
-{
-    if (strcmp(k, "status") == 0) {
-        lua_pushinteger(L, in->res->status);
-    } else if (strcmp(k, "headers") == 0) {
-        push_headers(L, in->res);
-    } else if (strcmp(k, "body") == 0) {
-        if (in->body == NULL)
-            return 0;
-        lua_pushlstring(L, in->body, in->body_len);
-    } else if (strcmp(k, "json") == 0) {
-        if (in->body == NULL)
-            return 0;
-        lua_json_decode(L, in->body, in->body_len);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            return 0;
-        }
-    } else if (strcmp(k, "retry_after_ms") == 0) {
-        int64_t ms = http_retry_after_ms(in->res, clock_wall_ms());
-        if (ms < 0)
-            return 0;
-        lua_pushinteger(L, ms);
-    } else if (strcmp(k, "elapsed_ms") == 0) {
-        lua_pushnumber(L, ms(in->attempt_ns));
-    } else {
-        return 0;
-    }
-    return 1;
-}
-
-/* __index of a view (at 1, its input named `what` in messages) for the key
- * at 2: the cached value, or what `field` pushes, cached. */
-static int view_index(lua_State *L, const char *what,
-                      int (*field)(lua_State *L, const policy_input_t *in, const char *k))
-{
-    if (lua_type(L, 2) != LUA_TSTRING)
-        return 0;
-    const lview_t *v = lua_touserdata(L, 1);
-    if (v->in == NULL)
-        luaL_error(L, "%s was kept past its handler; copy what you need instead", what);
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    lua_rawget(L, -2);
-    if (!lua_isnil(L, -1))
-        return 1; /* cached */
-    lua_pop(L, 2);
-    if (!field(L, v->in, lua_tostring(L, 2)))
-        return 0;
-    return cache(L);
-}
-
-static int req_index(lua_State *L)
-{
-    return view_index(L, "req", req_field);
-}
-
-static int res_index(lua_State *L)
-{
-    return view_index(L, "res", res_field);
-}
-
-static int view_newindex(lua_State *L)
-{
-    return luaL_error(L, "req, res and verdicts are read-only");
-}
-
-static void push_view(lua_State *L, const void *mt_key, const policy_input_t *in)
-{
-    lview_t *v = lua_newuserdatauv(L, sizeof *v, 1);
-    v->in = in;
-    lua_createtable(L, 0, 4);
-    lua_setiuservalue(L, -2, 1); /* the cache */
-    lua_rawgetp(L, LUA_REGISTRYINDEX, mt_key);
-    lua_setmetatable(L, -2);
-}
-
-void lua_api_push_views(lua_State *L, const policy_input_t *in)
-{
-    push_view(L, &REQ_MT, in);
-    if (in->res != NULL) {
-        push_view(L, &RES_MT, in);
-        return;
-    }
-    lua_createtable(L, 0, 2);
-    lua_pushstring(L, in->err_kind);
-    lua_setfield(L, -2, "kind");
-    lua_pushstring(L, in->err_message);
-    lua_setfield(L, -2, "message");
-}
-
-void lua_api_end_views(lua_State *L, int req_idx, int res_idx)
-{
-    ((lview_t *)lua_touserdata(L, req_idx))->in = NULL;
-    if (lua_type(L, res_idx) == LUA_TUSERDATA) /* the error handler's err is a table */
-        ((lview_t *)lua_touserdata(L, res_idx))->in = NULL;
-}
-
 /* Pushes a copy of the preset table at `idx` ({[seconds] = count}) with
  * integer keys (a case read from JSON names its windows with strings), and
  * [0] = 0 for the events test_count() counts. */
@@ -779,25 +609,85 @@ void lua_api_reset_test_counts(lua_State *L, int idx)
     lua_rawsetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
 }
 
-/* ---- installing -------------------------------------------------------------------------------- */
+/* ---- the handler call ------------------------------------------------------------------------ */
 
-static void new_metatable(lua_State *L, const void *key, lua_CFunction index)
+/* Protected: pushes the views of the input (1). */
+static int views_step(lua_State *L)
 {
-    lua_createtable(L, 0, 3);
-    lua_pushcfunction(L, index);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, view_newindex);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable"); /* getmetatable() cannot reach it */
-    lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+    lua_view_push(L, lua_touserdata(L, 1));
+    return 2;
 }
+
+void lua_api_error_line(const char *msg, const char *path, char *out, size_t n)
+{
+    size_t len = strcspn(msg ? msg : "", "\n");
+    snprintf(out, n, "%.*s", (int)len, msg ? msg : "(no message)");
+    if (path == NULL || strncmp(out, "...", 3) != 0)
+        return;
+    const char *rest = out + 3;
+    size_t plen = strlen(path);
+    for (const char *c = strchr(rest, ':'); c != NULL; c = strchr(c + 1, ':')) {
+        size_t k = (size_t)(c - rest);
+        if (k <= plen && memcmp(rest, path + plen - k, k) == 0) {
+            char tail[512];
+            snprintf(tail, sizeof tail, "%s", c);
+            snprintf(out, n, "%s%s", path, tail);
+            return;
+        }
+    }
+}
+
+sandbox_status_t lua_api_call_handler(sandbox_t *sb, int ref, const policy_input_t *in,
+                                      const char *path, verdict_t *out, char *msg, size_t msglen,
+                                      buf_t *trace)
+{
+    lua_State *L = sandbox_state(sb);
+    lua_api_ctx_t *c = ctx_of(L);
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, 8)) {
+        snprintf(msg, msglen, "out of memory");
+        return SANDBOX_MEMORY;
+    }
+    lua_pushlightuserdata(L, (void *)in);
+    if (sandbox_protect(L, views_step, 1, 2, 0) != SANDBOX_OK) { /* req at top+1, res at top+2 */
+        lua_settop(L, top);
+        snprintf(msg, msglen, "out of memory before the handler ran");
+        return SANDBOX_MEMORY;
+    }
+    c->in = in;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    lua_pushvalue(L, top + 1);
+    lua_pushvalue(L, top + 2);
+    sandbox_status_t st = sandbox_call(sb, 2, 1);
+    c->in = NULL;
+    if (st == SANDBOX_OK) {
+        if (read_verdict(L, -1, out, msg, msglen) < 0)
+            st = SANDBOX_ERROR;
+    } else {
+        const char *text = lua_tostring(L, -1);
+        lua_api_error_line(text, path, msg, msglen);
+        if (trace != NULL && text != NULL)
+            buf_puts(trace, text);
+        if (st == SANDBOX_MEMORY && strchr(msg, ':') == NULL) {
+            /* Lua says "not enough memory" with no location: name the handler. */
+            lua_Debug ar;
+            lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+            if (lua_getinfo(L, ">S", &ar))
+                snprintf(msg, msglen, "%s:%d: not enough memory (in the handler defined here)",
+                         ar.short_src, ar.linedefined);
+        }
+    }
+    lua_view_end(L, top + 1, top + 2);
+    lua_settop(L, top);
+    return st;
+}
+
+/* ---- installing -------------------------------------------------------------------------------- */
 
 void lua_api_open(lua_State *L)
 {
-    new_metatable(L, &VERDICT_MT, verdict_index);
-    new_metatable(L, &REQ_MT, req_index);
-    new_metatable(L, &RES_MT, res_index);
+    lua_view_metatable(L, &VERDICT_MT, verdict_index);
+    lua_view_open(L);
     lua_api_reset_test_counts(L, 0);
 
     static const luaL_Reg globals[] = {

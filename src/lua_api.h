@@ -1,14 +1,15 @@
 /* lua_api: what a policy sees — the verdict constructors (pass, retry,
  * respond), the side effects (log, alert, print), the errord helper table
- * (count, backoff, now_ms, cooldown, json), and the lazy read-only req/res
- * views. It knows the policy's settings and the call in progress through
- * its context, never the policy itself. Only the Lua modules include this
- * header. */
+ * (count, backoff, now_ms, cooldown, json) — and the one call of a handler,
+ * with its req/res views (lua_view) and its verdict. It knows the policy's
+ * settings and the call in progress through its context, never the policy
+ * itself. Only the Lua modules include this header. */
 #ifndef ERRORD_LUA_API_H
 #define ERRORD_LUA_API_H
 
 #include "buf.h"
 #include "rand.h"
+#include "sandbox.h"
 #include "settings.h"
 #include "verdict.h"
 
@@ -34,22 +35,23 @@ typedef struct {
  * protected. */
 void lua_api_open(lua_State *L);
 
-/* Pushes the `req` view and then the `res` view (or the `err` table when
- * in->res is NULL). They read `in` lazily, so it must live until
- * lua_api_end_views(); the caller keeps owning it. Raises when out of
- * memory. */
-void lua_api_push_views(lua_State *L, const policy_input_t *in);
+/* Calls the handler `ref` (a registry ref in the state of `sb`, whose
+ * context this API's is) for `in`, which must live for the call: pushes
+ * the req and res (or err) views, runs the handler within the sandbox's
+ * limits, reads its verdict into `out` and detaches the views, so a policy
+ * that kept one gets an error instead of reading freed memory. Returns the
+ * sandbox status: on success the verdict is in `out` (the caller frees it
+ * with verdict_reset()); otherwise `msg` says what went wrong (its first
+ * line, the file named as `path`) and `trace`, when not NULL, gets the
+ * whole message with its traceback. The stack is as it was. */
+sandbox_status_t lua_api_call_handler(sandbox_t *sb, int ref, const policy_input_t *in,
+                                      const char *path, verdict_t *out, char *msg, size_t msglen,
+                                      buf_t *trace);
 
-/* Detaches the views at `req_idx` and `res_idx` from their input: a policy
- * that kept them gets an error instead of reading freed memory. */
-void lua_api_end_views(lua_State *L, int req_idx, int res_idx);
-
-/* Turns the value at `idx` (what a handler returned: nil or a verdict
- * userdata) into `out`, copying respond{}'s header lines and body into
- * out's buffers, which the caller frees with verdict_reset(). Runs no Lua
- * code and does not raise. Returns 0, or -1 with a message in `err` when
- * the value is not a verdict. */
-int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen);
+/* Writes the first line of the Lua error message `msg` (a traceback may
+ * follow it; NULL is "(no message)") into `out`, `n` bytes at most. With
+ * `path`, a chunk name Lua cut to "...<its end>" is named in full again. */
+void lua_api_error_line(const char *msg, const char *path, char *out, size_t n);
 
 /* Steps, as lua_next() does and as raw, through the keys of the table at
  * `t` to the next one that is not a string listed in `known` (NULL

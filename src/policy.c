@@ -45,32 +45,6 @@ static sandbox_limits_t limits_of(const policy_settings_t *s)
     return l;
 }
 
-void policy_first_line(const char *msg, char *out, size_t n)
-{
-    size_t len = strcspn(msg ? msg : "", "\n");
-    snprintf(out, n, "%.*s", (int)len, msg ? msg : "(no message)");
-}
-
-/* The first line of a Lua error, with the file named in full: Lua cuts a
- * long chunk name to "...<its end>". */
-static void full_source(const policy_t *p, const char *msg, char *out, size_t n)
-{
-    policy_first_line(msg, out, n);
-    if (strncmp(out, "...", 3) != 0)
-        return;
-    const char *rest = out + 3;
-    size_t plen = strlen(p->path);
-    for (const char *c = strchr(rest, ':'); c != NULL; c = strchr(c + 1, ':')) {
-        size_t k = (size_t)(c - rest);
-        if (k <= plen && memcmp(rest, p->path + plen - k, k) == 0) {
-            char tail[512];
-            snprintf(tail, sizeof tail, "%s", c);
-            snprintf(out, n, "%s%s", p->path, tail);
-            return;
-        }
-    }
-}
-
 int policy_rawfield(lua_State *L, int t, const char *k)
 {
     t = lua_absindex(L, t);
@@ -235,7 +209,7 @@ static int open_step(lua_State *L)
 static void lua_problem(policy_t *p, const char *msg)
 {
     char line[512];
-    full_source(p, msg, line, sizeof line);
+    lua_api_error_line(msg, p->path, line, sizeof line);
     if (strncmp(line, p->path, strlen(p->path)) == 0)
         buf_printf(&p->report->errors, "%s\n", line);
     else
@@ -317,7 +291,7 @@ policy_t *policy_load(const char *path, char *err, size_t errlen)
     policy_t *p = policy_load_text(path, src, len, &rep);
     free(src);
     if (p == NULL)
-        policy_first_line(buf_cstr(&rep.errors), err, errlen);
+        lua_api_error_line(buf_cstr(&rep.errors), NULL, err, errlen);
     for (size_t i = 0; i < rep.warnings.len;) {
         size_t n = strcspn(rep.warnings.data + i, "\n");
         log_record_t *r = log_begin(LOG_WARN, "policy warning");
@@ -376,56 +350,6 @@ int policy_handles_errors(const policy_t *p)
 uint64_t policy_backoff_ms(policy_t *p, int attempt)
 {
     return backoff_delay_ms(&p->settings, &p->ctx.rng, attempt);
-}
-
-/* Protected: pushes the views of the input (1). */
-static int views_step(lua_State *L)
-{
-    lua_api_push_views(L, lua_touserdata(L, 1));
-    return 2;
-}
-
-sandbox_status_t policy_call_handler(policy_t *p, int ref, const policy_input_t *in, verdict_t *out,
-                                     char *msg, size_t msglen, buf_t *trace)
-{
-    lua_State *L = sandbox_state(p->sandbox);
-    int top = lua_gettop(L);
-    if (!lua_checkstack(L, 8)) {
-        snprintf(msg, msglen, "out of memory");
-        return SANDBOX_MEMORY;
-    }
-    lua_pushlightuserdata(L, (void *)in);
-    if (sandbox_protect(L, views_step, 1, 2, 0) != SANDBOX_OK) { /* req at top+1, res at top+2 */
-        lua_settop(L, top);
-        snprintf(msg, msglen, "out of memory before the handler ran");
-        return SANDBOX_MEMORY;
-    }
-    p->ctx.in = in;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    lua_pushvalue(L, top + 1);
-    lua_pushvalue(L, top + 2);
-    sandbox_status_t st = sandbox_call(p->sandbox, 2, 1);
-    p->ctx.in = NULL;
-    if (st == SANDBOX_OK) {
-        if (lua_api_verdict(L, -1, out, msg, msglen) < 0)
-            st = SANDBOX_ERROR;
-    } else {
-        const char *text = lua_tostring(L, -1);
-        full_source(p, text, msg, msglen);
-        if (trace != NULL && text != NULL)
-            buf_puts(trace, text);
-        if (st == SANDBOX_MEMORY && strchr(msg, ':') == NULL) {
-            /* Lua says "not enough memory" with no location: name the handler. */
-            lua_Debug ar;
-            lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-            if (lua_getinfo(L, ">S", &ar))
-                snprintf(msg, msglen, "%s:%d: not enough memory (in the handler defined here)",
-                         ar.short_src, ar.linedefined);
-        }
-    }
-    lua_api_end_views(L, top + 1, top + 2);
-    lua_settop(L, top);
-    return st;
 }
 
 /* Writes `text` (`n` bytes) as the field `key` of `r`, the secrets of the
@@ -505,7 +429,8 @@ void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out)
     char msg[512];
     buf_t trace = BUF_INIT;
     msg[0] = '\0';
-    sandbox_status_t st = policy_call_handler(p, ref, in, out, msg, sizeof msg, &trace);
+    sandbox_status_t st =
+        lua_api_call_handler(p->sandbox, ref, in, p->path, out, msg, sizeof msg, &trace);
     if (st == SANDBOX_OK) {
         buf_free(&trace);
         return;

@@ -49,20 +49,9 @@ struct policy_s {
 
 /* ---- policy.c */
 
-/* Writes the first line of the Lua error `msg` (a traceback may follow it;
- * NULL is "(no message)") into `out`, `n` bytes at most. */
-void policy_first_line(const char *msg, char *out, size_t n);
-
 /* Pushes t[k] of the table at `t` without running metamethods; returns its
  * type. */
 int policy_rawfield(lua_State *L, int t, const char *k);
-
-/* Calls the handler `ref` (a registry ref) for `in`, which must live for
- * the call, within the sandbox's limits. Returns the sandbox status; on
- * success the verdict is in `out` (the caller frees it), else `msg` (and
- * `trace`, when not NULL) say what went wrong. The stack is as it was. */
-sandbox_status_t policy_call_handler(policy_t *p, int ref, const policy_input_t *in,
-                                     verdict_t *out, char *msg, size_t msglen, buf_t *trace);
 
 /* ---- policy_source.c */
 

@@ -154,8 +154,8 @@ static int run_case(lua_State *L, test_run_t *r, int t)
     lua_pop(L, 1);
     if (ref != LUA_NOREF) {
         r->handled = 1;
-        if (policy_call_handler(p, ref, &in, &r->v, r->failed, sizeof r->failed, NULL) !=
-            SANDBOX_OK)
+        if (lua_api_call_handler(p->sandbox, ref, &in, p->path, &r->v, r->failed,
+                                 sizeof r->failed, NULL) != SANDBOX_OK)
             verdict_reset(&r->v);
     }
     return 1;
@@ -214,7 +214,7 @@ static void run_protected(lua_State *L, test_run_t *r, int t)
     lua_pushlightuserdata(L, r);
     lua_pushvalue(L, t);
     if (sandbox_protect(L, test_step, 2, 0, 1) != SANDBOX_OK) {
-        policy_first_line(lua_tostring(L, -1), r->why, sizeof r->why);
+        lua_api_error_line(lua_tostring(L, -1), NULL, r->why, sizeof r->why);
         lua_pop(L, 1);
         r->passed = 0;
     }
@@ -310,7 +310,7 @@ static int push_json(policy_t *p, const char *json, size_t len, char *err, size_
     lua_pushlightuserdata(L, (void *)json);
     lua_pushinteger(L, (lua_Integer)len);
     if (sandbox_protect(L, decode_step, 2, 1, 1) != SANDBOX_OK) {
-        policy_first_line(lua_tostring(L, -1), err, errlen);
+        lua_api_error_line(lua_tostring(L, -1), NULL, err, errlen);
         lua_pop(L, 1);
         return -1;
     }
