@@ -2,7 +2,7 @@
 #include "access.h"
 
 #include "log.h"
-#include "policy.h"
+#include "redact.h"
 
 #include <ctype.h>
 #include <stdio.h>
@@ -26,7 +26,7 @@ static void json_headers(const policy_settings_t *s, buf_t *b, const http_head_t
         buf_puts(b, i ? ",\"" : "\"");
         buf_json_escape(b, name, n);
         buf_lit(b, "\":\"");
-        if (policy_header_secret(s, name, n))
+        if (redact_header_secret(s, name, n))
             buf_lit(b, "[redacted]");
         else
             buf_json_escape(b, f->value, f->value_len);

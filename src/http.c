@@ -67,6 +67,14 @@ static const unsigned char TCHAR[256] = {
     ['y'] = 1, ['z'] = 1,
 };
 
+int http_is_token(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!TCHAR[(unsigned char)s[i]])
+            return 0;
+    return n > 0;
+}
+
 /* Bytes a field value may hold besides HTAB: SP, VCHAR, obs-text. */
 static const unsigned char VALUE_CHAR[256] = {[0x20 ... 0x7e] = 1, [0x80 ... 0xff] = 1};
 
@@ -972,6 +980,81 @@ void http_head_free(http_head_t *h)
     buf_free(&h->arena);
     free(h->headers);
     free(h);
+}
+
+http_head_t *http_head_new(const char *method, const char *target, int status, size_t n_headers)
+{
+    static const struct {
+        const char *name;
+        http_method_t m;
+    } methods[] = {{"GET", HTTP_M_GET},         {"HEAD", HTTP_M_HEAD},     {"POST", HTTP_M_POST},
+                   {"PUT", HTTP_M_PUT},         {"DELETE", HTTP_M_DELETE}, {"OPTIONS", HTTP_M_OPTIONS},
+                   {"PATCH", HTTP_M_PATCH},     {"TRACE", HTTP_M_TRACE},   {"CONNECT", HTTP_M_CONNECT}};
+    http_head_t *h = calloc(1, sizeof *h);
+    if (h == NULL)
+        return NULL;
+    h->version = 11;
+    h->content_length = -1;
+    h->method_name = h->target = h->reason = "";
+    h->headers = calloc(n_headers + 1, sizeof *h->headers);
+    h->cap_headers = n_headers;
+    if (h->headers == NULL)
+        goto fail;
+    if (method == NULL) {
+        h->status = status;
+        return h;
+    }
+    /* The arena holds "method\0target\0", then the fields. */
+    h->target_len = strlen(target);
+    if (buf_append(&h->arena, method, strlen(method) + 1) < 0 ||
+        buf_append(&h->arena, target, h->target_len + 1) < 0)
+        goto fail;
+    h->method_name = h->arena.data;
+    h->target = h->arena.data + strlen(method) + 1;
+    for (size_t i = 0; i < sizeof methods / sizeof *methods; i++)
+        if (strcmp(method, methods[i].name) == 0)
+            h->method = methods[i].m;
+    return h;
+
+fail:
+    http_head_free(h);
+    return NULL;
+}
+
+int http_head_add(http_head_t *h, const char *name, size_t name_len, const char *value,
+                  size_t value_len)
+{
+    if (h->n_headers >= h->cap_headers)
+        return -1;
+    const char *old = h->arena.data;
+    int req = h->arena.len > 0 && h->method_name == old;
+    http_header_t *f = &h->headers[h->n_headers];
+    f->name_off = (uint32_t)h->arena.len;
+    f->name_len = (uint32_t)name_len;
+    int rc = buf_append(&h->arena, name, name_len);
+    f->value_off = (uint32_t)h->arena.len;
+    f->value_len = (uint32_t)value_len;
+    if (rc == 0)
+        rc = buf_append(&h->arena, value, value_len);
+    if (rc == 0)
+        rc = buf_append(&h->arena, "", 1);
+    const char *base = h->arena.data;
+    if (base != old) { /* appending moved the arena: every pointer into it too */
+        if (req) {
+            h->method_name = base;
+            h->target = base + strlen(base) + 1;
+        }
+        for (size_t i = 0; i < h->n_headers; i++) {
+            h->headers[i].name = base + h->headers[i].name_off;
+            h->headers[i].value = base + h->headers[i].value_off;
+        }
+    }
+    if (rc < 0)
+        return -1;
+    f->name = base + f->name_off;
+    f->value = base + f->value_off;
+    h->n_headers++;
+    return 0;
 }
 
 const http_header_t *http_head_find(const http_head_t *h, const char *name)

@@ -146,6 +146,20 @@ const http_error_t *http_parser_error(const http_parser_t *p);
 /* Frees a head handed out by on_head. NULL is fine. */
 void http_head_free(http_head_t *h);
 
+/* A head built by hand rather than parsed (a policy's test cases):
+ * HTTP/1.1, no Content-Length, room for `n_headers` fields. A request when
+ * `method` is not NULL (with `target`, both C strings, copied), else a
+ * response with `status`. Returns NULL when out of memory; free it with
+ * http_head_free(). */
+http_head_t *http_head_new(const char *method, const char *target, int status, size_t n_headers);
+
+/* Adds a header field to a head made by http_head_new(), copying its name
+ * and value. Pointers into the head stay valid only until the next call.
+ * Returns 0, or -1 when out of memory or out of room (the head is as it
+ * was). */
+int http_head_add(http_head_t *h, const char *name, size_t name_len, const char *value,
+                  size_t value_len);
+
 /* The first header field named `name` (case-insensitive), or NULL. */
 const http_header_t *http_head_find(const http_head_t *h, const char *name);
 
@@ -157,6 +171,10 @@ int64_t http_retry_after_ms(const http_head_t *res, int64_t now_ms);
 /* Whether the comma-separated list in `value` holds `token`
  * (case-insensitive). */
 int http_list_has(const char *value, size_t n, const char *token);
+
+/* Whether the `n` bytes at `s` are a token (RFC 9110 5.6.2), what a
+ * header field name must be: one or more tchar. */
+int http_is_token(const char *s, size_t n);
 
 /* Whether `method` may be repeated without changing its effect (RFC 9110
  * 9.2.2). */

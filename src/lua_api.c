@@ -6,21 +6,23 @@
 #include "clock.h"
 #include "counter.h"
 #include "log.h"
+#include "lua_json.h"
+#include "lua_view.h"
+#include "redact.h"
+#include "retry.h"
 #include "sandbox.h"
 
-#include <cJSON.h>
 #include <lauxlib.h>
 
 #include <ctype.h>
-#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 /* Registry keys: the addresses of these are unique light userdata. */
-static const char VERDICT_MT = 0, REQ_MT = 0, RES_MT = 0, TEST_COUNTS = 0;
+static const char VERDICT_MT = 0, TEST_COUNTS = 0;
 
-#define JSON_MAX_DEPTH 64
 /* The longest delay retry{} and errord.cooldown() accept: an hour. */
 #define MAX_AFTER_MS 3600000
 
@@ -32,243 +34,8 @@ static lua_api_ctx_t *ctx_of(lua_State *L)
     return sandbox_context(L);
 }
 
-/* ---- JSON <-> Lua -------------------------------------------------------------- */
-
-static void push_json(lua_State *L, const cJSON *j, int depth)
-{
-    luaL_checkstack(L, 3, "JSON nested too deeply");
-    if (cJSON_IsString(j)) {
-        lua_pushstring(L, j->valuestring);
-    } else if (cJSON_IsNumber(j)) {
-        double d = j->valuedouble;
-        if (d == floor(d) && fabs(d) < 9007199254740992.0)
-            lua_pushinteger(L, (lua_Integer)d);
-        else
-            lua_pushnumber(L, d);
-    } else if (cJSON_IsBool(j)) {
-        lua_pushboolean(L, cJSON_IsTrue(j));
-    } else if (cJSON_IsArray(j) || cJSON_IsObject(j)) {
-        if (depth >= CJSON_NESTING_LIMIT)
-            luaL_error(L, "JSON nested too deeply");
-        lua_createtable(L, cJSON_IsArray(j) ? cJSON_GetArraySize(j) : 0, 0);
-        lua_Integer i = 1;
-        for (const cJSON *c = j->child; c != NULL; c = c->next, i++) {
-            if (cJSON_IsNull(c))
-                continue; /* null is nil: an array keeps a hole */
-            push_json(L, c, depth + 1);
-            if (cJSON_IsArray(j))
-                lua_rawseti(L, -2, i);
-            else
-                lua_setfield(L, -2, c->string);
-        }
-    } else {
-        lua_pushnil(L);
-    }
-}
-
-static int push_json_step(lua_State *L)
-{
-    push_json(L, lua_touserdata(L, 1), 0);
-    return 1;
-}
-
-/* Parses `n` bytes of JSON (nothing but whitespace may follow the value)
- * and pushes the Lua value, or nil when it is not JSON. The parsed tree is
- * freed whatever happens: converting runs in a protected call. */
-void lua_api_push_json(lua_State *L, const char *s, size_t n)
-{
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(s, n, &end, 0);
-    if (j != NULL) {
-        while (end < s + n && (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n'))
-            end++;
-        if (end != s + n) {
-            cJSON_Delete(j);
-            j = NULL;
-        }
-    }
-    if (j == NULL) {
-        lua_pushnil(L);
-        return;
-    }
-    lua_pushcfunction(L, push_json_step);
-    lua_pushlightuserdata(L, j);
-    int rc = lua_pcall(L, 1, 1, 0);
-    cJSON_Delete(j);
-    if (rc != LUA_OK)
-        lua_error(L); /* rethrown, the tree freed */
-}
-
-/* Whether the table at `idx` is a sequence 1..n with nothing else (n > 0). */
-static lua_Integer sequence_length(lua_State *L, int idx)
-{
-    idx = lua_absindex(L, idx);
-    lua_Integer n = (lua_Integer)lua_rawlen(L, idx), count = 0;
-    if (n == 0)
-        return 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx) != 0) {
-        lua_pop(L, 1);
-        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > n) {
-            lua_pop(L, 1);
-            return 0;
-        }
-        count++;
-    }
-    return count == n ? n : 0;
-}
-
-/* Makes the value at `idx` (a string or a number) a string that JSON can
- * hold, in place, and returns it: UTF-8 (RFC 8259 section 8.1) without NUL,
- * which cJSON's C strings would cut it at. A byte that starts no UTF-8
- * sequence, and a NUL, become U+FFFD. */
-static const char *json_text_at(lua_State *L, int idx)
-{
-    idx = lua_absindex(L, idx);
-    size_t n;
-    const char *s = lua_tolstring(L, idx, &n);
-    size_t ok = buf_text_span(s, n);
-    if (ok == n)
-        return s;
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (;;) {
-        luaL_addlstring(&b, s, ok);
-        s += ok, n -= ok;
-        if (n == 0)
-            break;
-        luaL_addstring(&b, "\xef\xbf\xbd");
-        s++, n--;
-        ok = buf_text_span(s, n);
-    }
-    luaL_pushresult(&b);
-    lua_replace(L, idx);
-    return lua_tostring(L, idx);
-}
-
-/* A JSON node for the value at `idx`: a scalar, or an empty array/object
- * that json_fill() fills. Raises for what JSON cannot hold. */
-static cJSON *json_node(lua_State *L, int idx)
-{
-    switch (lua_type(L, idx)) {
-    case LUA_TNIL: return cJSON_CreateNull();
-    case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
-    case LUA_TNUMBER: {
-        double d = lua_tonumber(L, idx);
-        return isfinite(d) ? cJSON_CreateNumber(d) : cJSON_CreateNull();
-    }
-    case LUA_TSTRING: return cJSON_CreateString(json_text_at(L, idx));
-    case LUA_TTABLE: return sequence_length(L, idx) > 0 ? cJSON_CreateArray() : cJSON_CreateObject();
-    default: luaL_error(L, "cannot encode a %s as JSON", luaL_typename(L, idx));
-    }
-    return NULL;
-}
-
-/* Fills the container `node` (already part of the tree, so nothing leaks if
- * this raises) from the table at `idx`. Tables are read raw: a policy's
- * metamethods do not run here. */
-static void json_fill(lua_State *L, int idx, cJSON *node, int depth)
-{
-    idx = lua_absindex(L, idx);
-    if (depth > JSON_MAX_DEPTH)
-        luaL_error(L, "cannot encode as JSON: nested too deeply (or a cycle)");
-    luaL_checkstack(L, 6, "JSON nested too deeply"); /* key, value, key copy, a luaL_Buffer */
-    if (cJSON_IsArray(node)) {
-        lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
-        for (lua_Integer i = 1; i <= n; i++) {
-            lua_rawgeti(L, idx, i);
-            cJSON *item = json_node(L, -1);
-            if (item == NULL)
-                luaL_error(L, "out of memory");
-            cJSON_AddItemToArray(node, item);
-            if (lua_istable(L, -1))
-                json_fill(L, -1, item, depth + 1);
-            lua_pop(L, 1);
-        }
-        return;
-    }
-    lua_pushnil(L);
-    while (lua_next(L, idx) != 0) {
-        int kt = lua_type(L, -2);
-        if (kt != LUA_TSTRING && kt != LUA_TNUMBER)
-            luaL_error(L, "cannot encode a %s key as JSON", lua_typename(L, kt));
-        lua_pushvalue(L, -2); /* a copy: lua_next's own key must stay untouched */
-        const char *k = json_text_at(L, -1);
-        cJSON *item = json_node(L, -2);
-        if (item == NULL)
-            luaL_error(L, "out of memory");
-        if (!cJSON_AddItemToObject(node, k, item)) {
-            cJSON_Delete(item);
-            luaL_error(L, "out of memory");
-        }
-        if (lua_istable(L, -2))
-            json_fill(L, -2, item, depth + 1);
-        lua_pop(L, 2);
-    }
-}
-
-struct json_build {
-    cJSON *root;
-};
-
-static int json_build_step(lua_State *L)
-{
-    struct json_build *b = lua_touserdata(L, 1);
-    b->root = json_node(L, 2);
-    if (b->root == NULL)
-        luaL_error(L, "out of memory");
-    if (lua_istable(L, 2))
-        json_fill(L, 2, b->root, 1);
-    return 0;
-}
-
-/* Pushes the JSON text of the value at `idx`; raises what JSON cannot hold
- * (nothing built so far leaks: building runs in a protected call). */
-static void push_json_text(lua_State *L, int idx)
-{
-    struct json_build b = {NULL};
-    idx = lua_absindex(L, idx);
-    lua_pushcfunction(L, json_build_step);
-    lua_pushlightuserdata(L, &b);
-    lua_pushvalue(L, idx);
-    int rc = lua_pcall(L, 2, 0, 0);
-    char *text = rc == LUA_OK ? cJSON_PrintUnformatted(b.root) : NULL;
-    cJSON_Delete(b.root);
-    if (rc != LUA_OK)
-        lua_error(L);
-    if (text == NULL)
-        luaL_error(L, "out of memory");
-    lua_pushstring(L, text);
-    cJSON_free(text);
-}
-
-void lua_api_encode_json(lua_State *L, int idx)
-{
-    push_json_text(L, idx);
-}
-
-static int l_json_encode(lua_State *L)
-{
-    luaL_checkany(L, 1);
-    push_json_text(L, 1);
-    return 1;
-}
-
-static int l_json_decode(lua_State *L)
-{
-    size_t n;
-    const char *s = luaL_checklstring(L, 1, &n);
-    lua_api_push_json(L, s, n);
-    if (!lua_isnil(L, -1))
-        return 1;
-    lua_pushliteral(L, "invalid JSON");
-    return 2;
-}
-
 /* ---- errord.* helpers -------------------------------------------------------------- */
 
-/* errord.count(key, seconds = 60, add = 1): adds `add` (1 or 0) events and
- * returns the events of the last `seconds`. */
 /* errord.count in a policy test: what the case's `counts` preset for the
  * key (1), plus the events counted since. A preset is a number, the count
  * of every window, or a table of counts by window in seconds; an event
@@ -300,6 +67,8 @@ static int test_count(lua_State *L, lua_Integer seconds, lua_Integer add)
     return 1;
 }
 
+/* errord.count(key, seconds = 60, add = 1): adds `add` (1 or 0) events and
+ * returns the events of the last `seconds`. */
 static int l_count(lua_State *L)
 {
     size_t n;
@@ -318,22 +87,13 @@ static int l_count(lua_State *L)
     return 1;
 }
 
-uint64_t lua_api_backoff(lua_api_ctx_t *c, int attempt)
-{
-    uint64_t cap = c->settings->backoff_base_ms;
-    for (int i = 1; i < attempt && cap < c->settings->backoff_max_ms; i++)
-        cap *= 2;
-    if (cap > c->settings->backoff_max_ms)
-        cap = c->settings->backoff_max_ms;
-    return cap == 0 ? 0 : rand_next(&c->rng) % (cap + 1);
-}
-
 static int l_backoff(lua_State *L)
 {
     lua_api_ctx_t *c = ctx_of(L);
     lua_Integer attempt = luaL_optinteger(L, 1, c->in ? c->in->attempt : 1);
     luaL_argcheck(L, attempt >= 1, 1, "attempt must be 1 or more");
-    lua_pushinteger(L, (lua_Integer)lua_api_backoff(c, (int)(attempt > 64 ? 64 : attempt)));
+    lua_pushinteger(L, (lua_Integer)retry_backoff_ms(c->settings, &c->rng,
+                                                      (int)(attempt > 64 ? 64 : attempt)));
     return 1;
 }
 
@@ -393,21 +153,41 @@ static int verdict_index(lua_State *L)
     return 0;
 }
 
-/* Raises an error for any key of the table at 1 not in `allowed`. */
+int lua_api_next_unknown(lua_State *L, int t, const char *const *known)
+{
+    t = lua_absindex(L, t);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1); /* the value */
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        int found = 0;
+        for (const char *const *q = known; k != NULL && *q != NULL && !found; q++)
+            found = strcmp(k, *q) == 0;
+        if (!found)
+            return 1;
+    }
+    return 0;
+}
+
+/* Raises an error for the first key of the table at 1 not in `allowed`. */
 static void check_keys(lua_State *L, const char *fn, const char *const *allowed)
 {
     lua_pushnil(L);
-    while (lua_next(L, 1) != 0) {
-        lua_pop(L, 1);
-        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-        int ok = 0;
-        for (const char *const *a = allowed; k != NULL && *a != NULL && !ok; a++)
-            ok = strcmp(k, *a) == 0;
-        if (!ok && k != NULL)
-            luaL_error(L, "%s{}: unknown field '%s'", fn, k);
-        if (!ok)
-            luaL_error(L, "%s{}: unknown %s key", fn, luaL_typename(L, -1));
-    }
+    if (!lua_api_next_unknown(L, 1, allowed))
+        return;
+    if (lua_type(L, -1) == LUA_TSTRING)
+        luaL_error(L, "%s{}: unknown field '%s'", fn, lua_tostring(L, -1));
+    luaL_error(L, "%s{}: unknown %s key", fn, luaL_typename(L, -1));
+}
+
+/* Checks that the argument at 1 is a table with no keys but `fields`, and
+ * pushes those fields in their order (read as the policy would: this runs
+ * inside its call). */
+static void push_fields(lua_State *L, const char *fn, const char *const *fields)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_keys(L, fn, fields);
+    for (const char *const *f = fields; *f != NULL; f++)
+        lua_getfield(L, 1, *f);
 }
 
 static int l_pass(lua_State *L)
@@ -435,12 +215,7 @@ static int l_retry(lua_State *L)
         lua_settop(L, 0);
         lua_newtable(L);
     }
-    luaL_checktype(L, 1, LUA_TTABLE);
-    check_keys(L, "retry", fields);
-    lua_getfield(L, 1, "after");
-    lua_getfield(L, 1, "reason");
-    lua_getfield(L, 1, "unsafe");
-    lua_getfield(L, 1, "cooldown");
+    push_fields(L, "retry", fields); /* 2 to 5 */
     lverdict_t *v = new_verdict(L, VERDICT_RETRY);
     if (!lua_isnil(L, 2)) {
         double after = lua_tonumber(L, 2);
@@ -463,17 +238,6 @@ static int l_retry(lua_State *L)
     return 1;
 }
 
-static int valid_token(const char *s, size_t n)
-{
-    static const char extra[] = "!#$%&'*+-.^_`|~";
-    if (n == 0)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!isalnum((unsigned char)s[i]) && (s[i] == 0 || strchr(extra, s[i]) == NULL))
-            return 0;
-    return 1;
-}
-
 static int valid_field_value(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -492,11 +256,7 @@ static int l_respond(lua_State *L)
                                            "proxy-connection", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    check_keys(L, "respond", fields);
-    lua_getfield(L, 1, "status");  /* 2 */
-    lua_getfield(L, 1, "json");    /* 3 */
-    lua_getfield(L, 1, "body");    /* 4 */
-    lua_getfield(L, 1, "headers"); /* 5 */
+    push_fields(L, "respond", fields); /* 2 to 5 */
     if (!lua_isinteger(L, 2) || lua_tointeger(L, 2) < 200 || lua_tointeger(L, 2) > 599)
         luaL_error(L, "respond{}: status must be an integer from 200 to 599");
     if (!lua_isnil(L, 3) && !lua_isnil(L, 4))
@@ -504,7 +264,7 @@ static int l_respond(lua_State *L)
     if (!lua_isnil(L, 4) && lua_type(L, 4) != LUA_TSTRING)
         luaL_error(L, "respond{}: body must be a string");
     if (!lua_isnil(L, 3))
-        push_json_text(L, 3); /* 6: encoded now, so mistakes point at respond{} */
+        lua_json_encode(L, 3); /* 6: encoded now, so mistakes point at respond{} */
     else
         lua_pushvalue(L, 4); /* 6: the body, or nil */
 
@@ -522,7 +282,7 @@ static int l_respond(lua_State *L)
                 luaL_error(L, "respond{}: headers map names to strings");
             const char *k = lua_tolstring(L, -2, &kn);
             const char *v = lua_tolstring(L, -1, &vn); /* the value slot may become a string */
-            if (!valid_token(k, kn))
+            if (!http_is_token(k, kn))
                 luaL_error(L, "respond{}: '%s' is not a valid header name", k);
             if (!valid_field_value(v, vn))
                 luaL_error(L, "respond{}: header '%s' has a control character in its value", k);
@@ -559,7 +319,11 @@ static int l_respond(lua_State *L)
     return 1;
 }
 
-int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen)
+/* Turns the value at `idx` (what a handler returned: nil or a verdict
+ * userdata) into `out`, copying respond{}'s header lines and body into
+ * out's buffers. Runs no Lua code and does not raise. Returns 0, or -1
+ * with a message in `err` when the value is not a verdict. */
+static int read_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen)
 {
     idx = lua_absindex(L, idx);
     if (lua_isnil(L, idx)) {
@@ -614,48 +378,33 @@ static void add_call_fields(log_record_t *r, const policy_input_t *in)
     log_int(r, "attempt", in->attempt);
 }
 
-typedef struct {
-    lua_State *L;
-    int json;
-} redact_t;
-
-/* Replaces the secret `v` (n bytes of a header value) with "[redacted]" in
- * the string at the top of the stack; in JSON text as JSON writes it (of
- * the bytes a header value may hold, '"', '\\' and HTAB are escaped). */
-static void redact_one(void *arg, const char *v, size_t n)
+/* Protected: pushes the text of the buffer (1). */
+static int push_buf_step(lua_State *L)
 {
-    redact_t *r = arg;
-    lua_State *L = r->L;
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (size_t i = 0; i < n; i++) {
-        if (r->json && (v[i] == '"' || v[i] == '\\'))
-            luaL_addchar(&b, '\\');
-        if (r->json && v[i] == '\t')
-            luaL_addstring(&b, "\\t");
-        else
-            luaL_addchar(&b, v[i]);
-    }
-    luaL_pushresult(&b);
-    const char *text = lua_tostring(L, -2), *pat = lua_tostring(L, -1);
-    if (strstr(text, pat) != NULL) {
-        luaL_gsub(L, text, pat, "[redacted]");
-        lua_replace(L, -3);
-    }
-    lua_pop(L, 1);
+    const buf_t *b = lua_touserdata(L, 1);
+    lua_pushlstring(L, b->data, b->len);
+    return 1;
 }
 
 /* Pushes `s` with the secrets of the call in progress (SPEC §6) replaced
  * by "[redacted]": a policy that logs or alerts with them leaks nothing.
- * With `json`, `s` is JSON text. Returns the pushed string. */
+ * With `json`, `s` is JSON text. `s` is a Lua string: secrets are looked
+ * for up to its first NUL, and a string with one found ends there. Returns
+ * the pushed string. */
 static const char *push_redacted(lua_State *L, const lua_api_ctx_t *c, const char *s, size_t n,
                                  int json)
 {
-    lua_pushlstring(L, s, n);
-    if (c->in != NULL) {
-        redact_t r = {L, json};
-        policy_each_secret(c->settings, c->in, redact_one, &r);
+    buf_t clean = BUF_INIT;
+    luaL_checkstack(L, 3, "redacting");
+    if (!redact_scrub(c->settings, c->in, s, strlen(s), json, &clean)) {
+        lua_pushlstring(L, s, n);
+        return lua_tostring(L, -1);
     }
+    lua_pushlightuserdata(L, &clean);
+    sandbox_status_t st = sandbox_protect(L, push_buf_step, 1, 1, 0);
+    buf_free(&clean);
+    if (st != SANDBOX_OK)
+        lua_error(L); /* rethrown, the copy freed */
     return lua_tostring(L, -1);
 }
 
@@ -687,7 +436,7 @@ static int l_log(lua_State *L)
     while (lua_next(L, 1) != 0) {
         if (lua_type(L, -2) == LUA_TSTRING && !reserved_log_key(lua_tostring(L, -2)) &&
             strcmp(lua_tostring(L, -2), "level") != 0) {
-            push_json_text(L, -1);
+            lua_json_encode(L, -1);
             size_t n;
             const char *json = lua_tolstring(L, -1, &n);
             push_redacted(L, c, json, n, 1);
@@ -727,15 +476,10 @@ static int l_alert(lua_State *L)
 {
     static const char *const fields[] = {"name", "severity", "summary", "labels", NULL};
     lua_api_ctx_t *c = ctx_of(L);
-    luaL_checktype(L, 1, LUA_TTABLE);
-    check_keys(L, "alert", fields);
-    lua_getfield(L, 1, "name");
-    lua_getfield(L, 1, "severity");
-    lua_getfield(L, 1, "summary");
-    lua_getfield(L, 1, "labels");
+    push_fields(L, "alert", fields); /* 2 to 5 */
     size_t name_len;
     const char *name = lua_tolstring(L, 2, &name_len);
-    if (lua_type(L, 2) != LUA_TSTRING || !valid_token(name, name_len))
+    if (lua_type(L, 2) != LUA_TSTRING || !http_is_token(name, name_len))
         luaL_error(L, "alert{}: name must be a word such as \"UpstreamDown\"");
     const char *severity = lua_isnil(L, 3) ? "warning" : lua_tostring(L, 3);
     const char *summary = lua_isnil(L, 4) ? "" : lua_tostring(L, 4);
@@ -824,173 +568,6 @@ static int l_print(lua_State *L)
     return 0;
 }
 
-/* ---- the req and res views ------------------------------------------------------------------ */
-
-/* A view is a userdata holding a pointer to the input it shows, with a
- * table of the fields computed so far as its user value: scripts can neither
- * write to it nor iterate it, and once its handler returned the pointer is
- * cleared, so a kept view raises instead of reading freed memory. */
-typedef struct {
-    const policy_input_t *in;
-} lview_t;
-
-/* The input behind the view at 1, after checking the cache for key 2:
- * returns NULL with the cached value pushed when there is one. */
-static const policy_input_t *view_input(lua_State *L, const char *what)
-{
-    const lview_t *v = lua_touserdata(L, 1);
-    if (v->in == NULL)
-        luaL_error(L, "%s was kept past its handler; copy what you need instead", what);
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    lua_rawget(L, -2);
-    if (!lua_isnil(L, -1))
-        return NULL; /* cached */
-    lua_pop(L, 2);
-    return v->in;
-}
-
-/* headers: lower-case names; repeated fields joined with ", ". Secret
- * headers too, as sent: what the policy writes out is redacted instead. */
-static void push_headers(lua_State *L, const http_head_t *h)
-{
-    lua_createtable(L, 0, (int)h->n_headers);
-    char name[256];
-    for (size_t i = 0; i < h->n_headers; i++) {
-        const http_header_t *f = &h->headers[i];
-        size_t n = f->name_len < sizeof name ? f->name_len : sizeof name - 1;
-        for (size_t k = 0; k < n; k++)
-            name[k] = (char)tolower((unsigned char)f->name[k]);
-        lua_pushlstring(L, name, n);
-        lua_pushlstring(L, f->value, f->value_len);
-        lua_pushvalue(L, -2);
-        lua_rawget(L, -4);
-        if (!lua_isnil(L, -1)) {
-            /* earlier, ", ", this one */
-            lua_insert(L, -2);
-            lua_pushliteral(L, ", ");
-            lua_insert(L, -2);
-            lua_concat(L, 3);
-        } else {
-            lua_pop(L, 1);
-        }
-        lua_rawset(L, -3);
-    }
-}
-
-static double ms(uint64_t ns)
-{
-    return (double)ns / 1e6;
-}
-
-/* Caches the value on top under the key at 2 and returns it. */
-static int cache(lua_State *L)
-{
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    lua_pushvalue(L, -3);
-    lua_rawset(L, -3);
-    lua_pop(L, 1);
-    return 1;
-}
-
-static int req_index(lua_State *L)
-{
-    if (lua_type(L, 2) != LUA_TSTRING)
-        return 0;
-    const policy_input_t *in = view_input(L, "req");
-    if (in == NULL)
-        return 1;
-    const char *k = lua_tostring(L, 2);
-    const http_head_t *r = in->req;
-    if (strcmp(k, "method") == 0)
-        lua_pushstring(L, r->method_name);
-    else if (strcmp(k, "path") == 0)
-        lua_pushlstring(L, r->target, r->target_len);
-    else if (strcmp(k, "headers") == 0)
-        push_headers(L, r);
-    else if (strcmp(k, "id") == 0)
-        lua_pushstring(L, in->request_id);
-    else if (strcmp(k, "attempt") == 0)
-        lua_pushinteger(L, in->attempt);
-    else if (strcmp(k, "elapsed_ms") == 0)
-        lua_pushnumber(L, ms(in->elapsed_ns));
-    else
-        return 0;
-    return cache(L);
-}
-
-static int res_index(lua_State *L)
-{
-    if (lua_type(L, 2) != LUA_TSTRING)
-        return 0;
-    const policy_input_t *in = view_input(L, "res");
-    if (in == NULL)
-        return 1;
-    const char *k = lua_tostring(L, 2);
-    if (strcmp(k, "status") == 0) {
-        lua_pushinteger(L, in->res->status);
-    } else if (strcmp(k, "headers") == 0) {
-        push_headers(L, in->res);
-    } else if (strcmp(k, "body") == 0) {
-        if (in->body == NULL)
-            return 0;
-        lua_pushlstring(L, in->body, in->body_len);
-    } else if (strcmp(k, "json") == 0) {
-        if (in->body == NULL)
-            return 0;
-        lua_api_push_json(L, in->body, in->body_len);
-        if (lua_isnil(L, -1))
-            return 1;
-    } else if (strcmp(k, "retry_after_ms") == 0) {
-        int64_t ms = http_retry_after_ms(in->res, clock_wall_ms());
-        if (ms < 0)
-            return 0;
-        lua_pushinteger(L, ms);
-    } else if (strcmp(k, "elapsed_ms") == 0) {
-        lua_pushnumber(L, ms(in->attempt_ns));
-    } else {
-        return 0;
-    }
-    return cache(L);
-}
-
-static int view_newindex(lua_State *L)
-{
-    return luaL_error(L, "req, res and verdicts are read-only");
-}
-
-static void push_view(lua_State *L, const void *mt_key, const policy_input_t *in)
-{
-    lview_t *v = lua_newuserdatauv(L, sizeof *v, 1);
-    v->in = in;
-    lua_createtable(L, 0, 4);
-    lua_setiuservalue(L, -2, 1); /* the cache */
-    lua_rawgetp(L, LUA_REGISTRYINDEX, mt_key);
-    lua_setmetatable(L, -2);
-}
-
-void lua_api_push_views(lua_State *L, const policy_input_t *in)
-{
-    push_view(L, &REQ_MT, in);
-    if (in->res != NULL) {
-        push_view(L, &RES_MT, in);
-        return;
-    }
-    lua_createtable(L, 0, 2);
-    lua_pushstring(L, in->err_kind);
-    lua_setfield(L, -2, "kind");
-    lua_pushstring(L, in->err_message);
-    lua_setfield(L, -2, "message");
-}
-
-void lua_api_end_views(lua_State *L, int req_idx, int res_idx)
-{
-    ((lview_t *)lua_touserdata(L, req_idx))->in = NULL;
-    if (lua_type(L, res_idx) == LUA_TUSERDATA) /* the error handler's err is a table */
-        ((lview_t *)lua_touserdata(L, res_idx))->in = NULL;
-}
-
 /* Pushes a copy of the preset table at `idx` ({[seconds] = count}) with
  * integer keys (a case read from JSON names its windows with strings), and
  * [0] = 0 for the events test_count() counts. */
@@ -1032,25 +609,85 @@ void lua_api_reset_test_counts(lua_State *L, int idx)
     lua_rawsetp(L, LUA_REGISTRYINDEX, &TEST_COUNTS);
 }
 
-/* ---- installing -------------------------------------------------------------------------------- */
+/* ---- the handler call ------------------------------------------------------------------------ */
 
-static void new_metatable(lua_State *L, const void *key, lua_CFunction index)
+/* Protected: pushes the views of the input (1). */
+static int views_step(lua_State *L)
 {
-    lua_createtable(L, 0, 3);
-    lua_pushcfunction(L, index);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, view_newindex);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable"); /* getmetatable() cannot reach it */
-    lua_rawsetp(L, LUA_REGISTRYINDEX, key);
+    lua_view_push(L, lua_touserdata(L, 1));
+    return 2;
 }
+
+void lua_api_error_line(const char *msg, const char *path, char *out, size_t n)
+{
+    size_t len = strcspn(msg ? msg : "", "\n");
+    snprintf(out, n, "%.*s", (int)len, msg ? msg : "(no message)");
+    if (path == NULL || strncmp(out, "...", 3) != 0)
+        return;
+    const char *rest = out + 3;
+    size_t plen = strlen(path);
+    for (const char *c = strchr(rest, ':'); c != NULL; c = strchr(c + 1, ':')) {
+        size_t k = (size_t)(c - rest);
+        if (k <= plen && memcmp(rest, path + plen - k, k) == 0) {
+            char tail[512];
+            snprintf(tail, sizeof tail, "%s", c);
+            snprintf(out, n, "%s%s", path, tail);
+            return;
+        }
+    }
+}
+
+sandbox_status_t lua_api_call_handler(sandbox_t *sb, int ref, const policy_input_t *in,
+                                      const char *path, verdict_t *out, char *msg, size_t msglen,
+                                      buf_t *trace)
+{
+    lua_State *L = sandbox_state(sb);
+    lua_api_ctx_t *c = ctx_of(L);
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, 8)) {
+        snprintf(msg, msglen, "out of memory");
+        return SANDBOX_MEMORY;
+    }
+    lua_pushlightuserdata(L, (void *)in);
+    if (sandbox_protect(L, views_step, 1, 2, 0) != SANDBOX_OK) { /* req at top+1, res at top+2 */
+        lua_settop(L, top);
+        snprintf(msg, msglen, "out of memory before the handler ran");
+        return SANDBOX_MEMORY;
+    }
+    c->in = in;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    lua_pushvalue(L, top + 1);
+    lua_pushvalue(L, top + 2);
+    sandbox_status_t st = sandbox_call(sb, 2, 1);
+    c->in = NULL;
+    if (st == SANDBOX_OK) {
+        if (read_verdict(L, -1, out, msg, msglen) < 0)
+            st = SANDBOX_ERROR;
+    } else {
+        const char *text = lua_tostring(L, -1);
+        lua_api_error_line(text, path, msg, msglen);
+        if (trace != NULL && text != NULL)
+            buf_puts(trace, text);
+        if (st == SANDBOX_MEMORY && strchr(msg, ':') == NULL) {
+            /* Lua says "not enough memory" with no location: name the handler. */
+            lua_Debug ar;
+            lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+            if (lua_getinfo(L, ">S", &ar))
+                snprintf(msg, msglen, "%s:%d: not enough memory (in the handler defined here)",
+                         ar.short_src, ar.linedefined);
+        }
+    }
+    lua_view_end(L, top + 1, top + 2);
+    lua_settop(L, top);
+    return st;
+}
+
+/* ---- installing -------------------------------------------------------------------------------- */
 
 void lua_api_open(lua_State *L)
 {
-    new_metatable(L, &VERDICT_MT, verdict_index);
-    new_metatable(L, &REQ_MT, req_index);
-    new_metatable(L, &RES_MT, res_index);
+    lua_view_metatable(L, &VERDICT_MT, verdict_index);
+    lua_view_open(L);
     lua_api_reset_test_counts(L, 0);
 
     static const luaL_Reg globals[] = {
@@ -1065,11 +702,8 @@ void lua_api_open(lua_State *L)
         {"count", l_count},   {"backoff", l_backoff}, {"now_ms", l_now_ms},
         {"cooldown", l_cooldown}, {NULL, NULL},
     };
-    static const luaL_Reg json[] = {
-        {"encode", l_json_encode}, {"decode", l_json_decode}, {NULL, NULL},
-    };
     luaL_newlib(L, helpers);
-    luaL_newlib(L, json);
+    lua_json_push_lib(L);
     lua_setfield(L, -2, "json");
     lua_setglobal(L, "errord");
 }

@@ -1,13 +1,17 @@
 /* lua_api: what a policy sees — the verdict constructors (pass, retry,
- * respond), the side effects (log, alert), the errord helper table, the lazy
- * read-only req/res views, and JSON in both directions. Only the Lua modules
- * include this header. */
+ * respond), the side effects (log, alert, print), the errord helper table
+ * (count, backoff, now_ms, cooldown, json) — and the one call of a handler,
+ * with its req/res views (lua_view) and its verdict. It knows the policy's
+ * settings and the call in progress through its context, never the policy
+ * itself. Only the Lua modules include this header. */
 #ifndef ERRORD_LUA_API_H
 #define ERRORD_LUA_API_H
 
 #include "buf.h"
-#include "policy.h"
 #include "rand.h"
+#include "sandbox.h"
+#include "settings.h"
+#include "verdict.h"
 
 #include <lua.h>
 
@@ -27,35 +31,39 @@ typedef struct {
 } lua_api_ctx_t;
 
 /* Installs the API as globals of the state (whose sandbox context must be a
- * lua_api_ctx_t). */
+ * lua_api_ctx_t that outlives it). Raises when out of memory, so it runs
+ * protected. */
 void lua_api_open(lua_State *L);
 
-/* Pushes the `req` view and then the `res` view (or the `err` table when
- * in->res is NULL). They read `in` lazily, so it must live until
- * lua_api_end_views(). */
-void lua_api_push_views(lua_State *L, const policy_input_t *in);
+/* Calls the handler `ref` (a registry ref in the state of `sb`, whose
+ * context this API's is) for `in`, which must live for the call: pushes
+ * the req and res (or err) views, runs the handler within the sandbox's
+ * limits, reads its verdict into `out` and detaches the views, so a policy
+ * that kept one gets an error instead of reading freed memory. Returns the
+ * sandbox status: on success the verdict is in `out` (the caller frees it
+ * with verdict_reset()); otherwise `msg` says what went wrong (its first
+ * line, the file named as `path`) and `trace`, when not NULL, gets the
+ * whole message with its traceback. The stack is as it was. */
+sandbox_status_t lua_api_call_handler(sandbox_t *sb, int ref, const policy_input_t *in,
+                                      const char *path, verdict_t *out, char *msg, size_t msglen,
+                                      buf_t *trace);
 
-/* Detaches the views at `req_idx` and `res_idx` from their input: a policy
- * that kept them gets an error instead of reading freed memory. */
-void lua_api_end_views(lua_State *L, int req_idx, int res_idx);
+/* Writes the first line of the Lua error message `msg` (a traceback may
+ * follow it; NULL is "(no message)") into `out`, `n` bytes at most. With
+ * `path`, a chunk name Lua cut to "...<its end>" is named in full again. */
+void lua_api_error_line(const char *msg, const char *path, char *out, size_t n);
 
-/* Turns the value at `idx` (what a handler returned) into a verdict.
- * Returns 0, or -1 with a message in `err`. */
-int lua_api_verdict(lua_State *L, int idx, verdict_t *out, char *err, size_t errlen);
+/* Steps, as lua_next() does and as raw, through the keys of the table at
+ * `t` to the next one that is not a string listed in `known` (NULL
+ * terminated). Start with nil pushed. Returns 1 with that key on top of
+ * the stack (where the next call goes on from), or 0 when no such key is
+ * left, the key popped. */
+int lua_api_next_unknown(lua_State *L, int t, const char *const *known);
 
-/* Pushes the JSON text of the value at `idx`, as errord.json.encode does
- * (tables read raw, no metamethods run); raises what JSON cannot hold. */
-void lua_api_encode_json(lua_State *L, int idx);
-
-/* Pushes the Lua value of `n` bytes of JSON text, or nil when it is not
- * JSON; raises when out of memory. */
-void lua_api_push_json(lua_State *L, const char *s, size_t n);
-
-/* The backoff delay of errord.backoff(attempt). */
-uint64_t lua_api_backoff(lua_api_ctx_t *ctx, int attempt);
-
-/* Clears the scratch counts of errord.count() used by tests, then copies in
- * the key -> number pairs of the table at `idx` (when it is a table). */
+/* Clears the scratch counts errord.count() reads and adds to while a
+ * policy's tests run, then presets them from the table at `idx` (when it is
+ * one): key -> a count for every window, or key -> { [seconds] = count }.
+ * Raises when out of memory. */
 void lua_api_reset_test_counts(lua_State *L, int idx);
 
 #endif

@@ -5,11 +5,10 @@
  * Lua's own matcher runs in C, where the instruction hook never fires: a
  * pattern such as "(.*)x(.*)y" on a few kilobytes backtracks for seconds and
  * would hold the event loop. This matcher does the same matching, but
- * charges every step to the call in progress (sandbox_charge), so the
- * handler's limits stop it like any loop. */
+ * charges every step to the call in progress (through the charge function
+ * pattern_open() was given: the sandbox's), so the handler's limits stop it
+ * like any loop. */
 #include "pattern.h"
-
-#include "sandbox.h"
 
 #include <lauxlib.h>
 
@@ -29,6 +28,7 @@ typedef struct {
     const char *src_end;  /* its end (a NUL follows: Lua strings end in one) */
     const char *p_end;    /* the pattern's end (a NUL follows too) */
     lua_State *L;
+    pattern_charge_t charge;
     int depth;
     int level; /* captures open or closed so far */
     unsigned steps;
@@ -45,7 +45,7 @@ static void step(match_t *ms)
 {
     if (++ms->steps == CHARGE_EVERY) {
         ms->steps = 0;
-        sandbox_charge(ms->L, CHARGE_EVERY);
+        ms->charge(ms->L, CHARGE_EVERY);
     }
 }
 
@@ -325,9 +325,12 @@ done:
 
 /* ---- the string functions ---------------------------------------------------- */
 
+/* Sets up a match; the charge function is the upvalue of every function
+ * pattern_open() installs. */
 static void prepare(match_t *ms, lua_State *L, const char *s, size_t ls, const char *p, size_t lp)
 {
     ms->L = L;
+    ms->charge = *(const pattern_charge_t *)lua_touserdata(L, lua_upvalueindex(1));
     ms->src_init = s;
     ms->src_end = s + ls;
     ms->p_end = p + lp;
@@ -589,12 +592,14 @@ static int l_gsub(lua_State *L)
     return 2;
 }
 
-void pattern_open(lua_State *L)
+void pattern_open(lua_State *L, pattern_charge_t charge)
 {
     static const luaL_Reg fns[] = {
         {"find", l_find}, {"match", l_match}, {"gmatch", l_gmatch}, {"gsub", l_gsub}, {NULL, NULL},
     };
     lua_getglobal(L, "string"); /* also what strings' methods index */
-    luaL_setfuncs(L, fns, 0);
+    pattern_charge_t *up = lua_newuserdatauv(L, sizeof *up, 0);
+    *up = charge;
+    luaL_setfuncs(L, fns, 1); /* pops the upvalue */
     lua_pop(L, 1);
 }

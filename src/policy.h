@@ -34,6 +34,8 @@ typedef struct {
 
 #define POLICY_REPORT_INIT {BUF_INIT, BUF_INIT, 0, 0}
 
+/* Frees what the report holds; it is empty (POLICY_REPORT_INIT) again
+ * afterwards. */
 void policy_report_free(policy_report_t *r);
 
 /* Loads and checks the policy source `src` (what the file `path` held):
@@ -94,25 +96,12 @@ int policy_try(policy_t *p, const char *json, size_t len, int64_t now_ms, policy
 void policy_hold(policy_t *p);
 void policy_release(policy_t *p);
 
+/* The policy's settings, errord's defaults where it says nothing. They
+ * belong to the policy and live as long as it does. */
 const policy_settings_t *policy_settings(const policy_t *p);
+
+/* The path the policy was loaded from; it lives as long as the policy. */
 const char *policy_path(const policy_t *p);
-
-/* Whether the header `name` (`n` bytes, any case) holds a secret whose
- * value errord never writes out (SPEC §6): Authorization,
- * Proxy-Authorization, Cookie, Set-Cookie, X-Api-Key, and the names of
- * settings.secret_headers (`s` may be NULL). */
-int policy_header_secret(const policy_settings_t *s, const char *name, size_t n);
-
-/* Secrets shorter than this are not looked for in text: they would match
- * ordinary words. */
-#define SECRET_MIN 4
-
-/* Calls `fn` with each secret the call `in` carries: the value of each of
- * its secret headers (request and response) and, for a "Scheme
- * credentials" value, the credentials alone; what errord takes out of
- * anything a policy writes. */
-void policy_each_secret(const policy_settings_t *s, const policy_input_t *in,
-                        void (*fn)(void *arg, const char *v, size_t n), void *arg);
 
 /* The SHA-256 of the policy's source, 64 hex digits. */
 const char *policy_sha256(const policy_t *p);
@@ -130,12 +119,15 @@ int policy_handles(const policy_t *p, int status);
 /* Whether failures without a status go to an `error` handler. */
 int policy_handles_errors(const policy_t *p);
 
-/* Asks the handler for `in` and fills `out` (which starts as VERDICT_INIT).
- * Never fails: a broken handler yields pass with out->failure set. */
+/* Asks the handler for `in` (which must live for the call) and fills `out`
+ * (which starts as VERDICT_INIT; the caller frees it with verdict_reset()).
+ * Never fails: a broken handler, or one set aside, yields pass with
+ * out->failure set, and the failure is logged with its secrets redacted. */
 void policy_decide(policy_t *p, const policy_input_t *in, verdict_t *out);
 
-/* errord.backoff(attempt) with the policy's settings: a random delay in
- * [0, min(max, base * 2^(attempt-1))] ms. */
+/* The delay of a retry the handler gave no `after` for: backoff_delay_ms()
+ * with the policy's settings and generator, what errord.backoff(attempt)
+ * gives a handler too. Same thread as the policy. */
 uint64_t policy_backoff_ms(policy_t *p, int attempt);
 
 #endif

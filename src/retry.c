@@ -9,15 +9,14 @@
 /* The longest deadline a client may ask for. */
 #define DEADLINE_MAX_MS 3600000
 
-/* A random delay in [0, min(max, base * 2^(attempt-1))] ms. */
-static uint64_t backoff_ms(const policy_settings_t *s, rand_t *rng, int attempt)
+uint64_t retry_backoff_ms(const policy_settings_t *s, rand_t *r, int attempt)
 {
     uint64_t cap = s->backoff_base_ms;
     for (int i = 1; i < attempt && cap < s->backoff_max_ms; i++)
         cap *= 2;
     if (cap > s->backoff_max_ms)
         cap = s->backoff_max_ms;
-    return cap == 0 ? 0 : rand_next(rng) % (cap + 1);
+    return cap == 0 ? 0 : rand_next(r) % (cap + 1);
 }
 
 int retry_check(const retry_ask_t *ask, const verdict_t *v, uint64_t *delay_ms)
@@ -40,7 +39,7 @@ int retry_check(const retry_ask_t *ask, const verdict_t *v, uint64_t *delay_ms)
             return REFUSED_RETRY_AFTER;
         *delay_ms = (uint64_t)retry_after;
     } else {
-        *delay_ms = backoff_ms(s, ask->rng, ask->attempt);
+        *delay_ms = retry_backoff_ms(s, ask->rng, ask->attempt);
     }
     if (ask->deadline_ns != 0 && clock_now_ns() + *delay_ms * 1000000u >= ask->deadline_ns)
         return REFUSED_DEADLINE;

@@ -33,6 +33,13 @@ typedef struct {
  * not (a refusal_t). */
 int retry_check(const retry_ask_t *ask, const verdict_t *v, uint64_t *delay_ms);
 
+/* The delay before try `attempt` + 1 (`attempt` counts from 1) when
+ * neither the policy nor the upstream says: exponential backoff with full
+ * jitter, a random number of milliseconds in
+ * [0, min(backoff_max_ms, backoff_base_ms * 2^(attempt-1))]. Draws from
+ * `r`, which belongs to the caller's thread. errord.backoff() is this. */
+uint64_t retry_backoff_ms(const policy_settings_t *s, rand_t *r, int attempt);
+
 /* Whether `req` may be sent again without changing its effect: an
  * idempotent method, or a client that said so with Idempotency-Key. */
 int retry_repeatable(const http_head_t *req);

@@ -154,12 +154,24 @@ static int msg_handler(lua_State *L)
     return 1;
 }
 
-sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
+/* lua_pcall() of the function below the `nargs` arguments on top, with
+ * msg_handler under it when `traceback`. Returns lua_pcall()'s code; the
+ * handler is off the stack again either way. */
+static int pcall_traced(lua_State *L, int nargs, int nresults, int traceback)
 {
-    lua_State *L = s->L;
+    if (!traceback)
+        return lua_pcall(L, nargs, nresults, 0);
     int base = lua_gettop(L) - nargs;
     lua_pushcfunction(L, msg_handler);
     lua_insert(L, base); /* under the function and its arguments */
+    int rc = lua_pcall(L, nargs, nresults, base);
+    lua_remove(L, base);
+    return rc;
+}
+
+sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
+{
+    lua_State *L = s->L;
     if (s->used > s->limits.memory / 4 * 3)
         lua_gc(L, LUA_GCCOLLECT); /* room first: old garbage is not this call's */
     s->tripped = SANDBOX_OK;
@@ -169,7 +181,7 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
     s->deadline_ns = clock_now_ns() + s->limits.time_ms * 1000000u;
     s->in_call = 1;
     lua_sethook(L, on_hook, LUA_MASKCOUNT, HOOK_EVERY);
-    int rc = lua_pcall(L, nargs, nresults, base);
+    int rc = pcall_traced(L, nargs, nresults, 1);
     lua_sethook(L, NULL, 0, 0);
     s->in_call = 0;
     s->gc_wanted = 0;
@@ -179,7 +191,6 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
         lua_pushfstring(L, "policy handler stopped: %s", s->why);
         rc = LUA_ERRRUN;
     }
-    lua_remove(L, base); /* the handler */
     if (rc == LUA_OK)
         return SANDBOX_OK;
     if (rc == LUA_ERRMEM || s->tripped == SANDBOX_MEMORY)
@@ -187,6 +198,15 @@ sandbox_status_t sandbox_call(sandbox_t *s, int nargs, int nresults)
     if (s->tripped != SANDBOX_OK)
         return s->tripped;
     return rc == LUA_ERRMEM ? SANDBOX_MEMORY : SANDBOX_ERROR;
+}
+
+sandbox_status_t sandbox_protect(lua_State *L, lua_CFunction fn, int nargs, int nresults,
+                                 int traceback)
+{
+    lua_pushcfunction(L, fn);
+    lua_insert(L, -nargs - 1); /* under its arguments */
+    int rc = pcall_traced(L, nargs, nresults, traceback);
+    return rc == LUA_OK ? SANDBOX_OK : rc == LUA_ERRMEM ? SANDBOX_MEMORY : SANDBOX_ERROR;
 }
 
 const char *sandbox_status_name(sandbox_status_t st)
@@ -271,7 +291,8 @@ static void remove_fields(lua_State *L, const char *table, const char *const *na
     lua_pop(L, 1);
 }
 
-static void open_safe_libraries(lua_State *L)
+/* Protected: opens the safe libraries. */
+static int open_safe_libraries(lua_State *L)
 {
     static const luaL_Reg libs[] = {
         {LUA_GNAME, luaopen_base},        {LUA_STRLIBNAME, luaopen_string},
@@ -290,7 +311,7 @@ static void open_safe_libraries(lua_State *L)
     remove_fields(L, LUA_GNAME, base_out);
     remove_fields(L, LUA_OSLIBNAME, os_out);
     remove_fields(L, LUA_STRLIBNAME, string_out);
-    pattern_open(L);
+    pattern_open(L, sandbox_charge);
 
     lua_getglobal(L, "load");
     lua_pushcclosure(L, safe_load, 1); /* pops the original load */
@@ -301,6 +322,7 @@ static void open_safe_libraries(lua_State *L)
     lua_getglobal(L, "setmetatable");
     lua_pushcclosure(L, safe_setmetatable, 1);
     lua_setglobal(L, "setmetatable");
+    return 0;
 }
 
 sandbox_t *sandbox_new(const sandbox_limits_t *limits)
@@ -316,7 +338,10 @@ sandbox_t *sandbox_new(const sandbox_limits_t *limits)
     }
     *(sandbox_t **)lua_getextraspace(s->L) = s;
     lua_gc(s->L, LUA_GCGEN, 0, 0); /* short-lived garbage: generational mode */
-    open_safe_libraries(s->L);
+    if (sandbox_protect(s->L, open_safe_libraries, 0, 0, 0) != SANDBOX_OK) {
+        sandbox_free(s);
+        return NULL;
+    }
     return s;
 }
 

@@ -5,6 +5,7 @@
 #include "counter.h"
 #include "policy.h"
 #include "policy_fixture.h"
+#include "redact.h"
 #include "test.h"
 
 #include <stdlib.h>
@@ -214,6 +215,56 @@ TEST(policy_try_answers_one_case_and_keeps_its_effects_inside)
     policy_report_free(&rep);
 }
 
+/* Appends a JSON object of `n` fields "<name>1" .. "<name>n", field i
+ * holding "<letter>i" thirty times. */
+static void json_fields(buf_t *b, const char *name, char letter, int n)
+{
+    buf_puts(b, "{");
+    for (int i = 1; i <= n; i++) {
+        buf_printf(b, "%s\"%s%d\":\"", i > 1 ? "," : "", name, i);
+        for (int k = 0; k < 30; k++)
+            buf_printf(b, "%c%d", letter, i);
+        buf_puts(b, "\"");
+    }
+    buf_puts(b, "}");
+}
+
+/* A case's heads hold every header it gives, however many: the head grows
+ * (and moves) as they are added, and the handler still reads them all. */
+TEST(policy_try_case_heads_keep_every_header)
+{
+    policy_report_t rep = POLICY_REPORT_INIT;
+    policy_t *p = load_report("heads.lua",
+                              "return { [200] = function(req, res)\n"
+                              "  local ok = req.method == 'PUT' and req.path == '/p?q=1'\n"
+                              "  for i = 1, 50 do\n"
+                              "    ok = ok and req.headers['x-h' .. i] == ('v' .. i):rep(30)\n"
+                              "  end\n"
+                              "  for i = 1, 20 do\n"
+                              "    ok = ok and res.headers['x-r' .. i] == ('r' .. i):rep(30)\n"
+                              "  end\n"
+                              "  return respond { status = ok and 201 or 500 }\n"
+                              "end }\n",
+                              &rep);
+    ASSERT_LOADED(p);
+    buf_t c = BUF_INIT;
+    buf_puts(&c, "{\"req\":{\"method\":\"PUT\",\"path\":\"/p?q=1\",\"headers\":");
+    json_fields(&c, "x-h", 'v', 50);
+    buf_puts(&c, "},\"res\":{\"status\":200,\"headers\":");
+    json_fields(&c, "x-r", 'r', 20);
+    buf_puts(&c, "}}");
+    policy_outcome_t o;
+    char err[256];
+    ASSERT_EQ(policy_try(p, c.data, c.len, clock_wall_ms(), &o, err, sizeof err), 0);
+    ASSERT(o.handled);
+    ASSERT_STR(o.error, "");
+    ASSERT_EQ(o.kind, VERDICT_RESPOND);
+    ASSERT_EQ(o.status, 201);
+    buf_free(&c);
+    policy_release(p);
+    policy_report_free(&rep);
+}
+
 TEST(policy_try_counts_on_the_clock_of_the_record)
 {
     policy_report_t rep = POLICY_REPORT_INIT;
@@ -245,9 +296,9 @@ TEST(policy_secret_headers)
     static const char *const secret[] = {"authorization", "proxy-authorization", "cookie",
                                          "set-cookie", "x-api-key"};
     for (size_t i = 0; i < sizeof secret / sizeof *secret; i++)
-        ASSERT(policy_header_secret(NULL, secret[i], strlen(secret[i])));
-    ASSERT(!policy_header_secret(NULL, "content-type", 12));
-    ASSERT(!policy_header_secret(NULL, "x-api-keys", 10));
-    ASSERT(!policy_header_secret(NULL, "cookie", 5));
-    ASSERT(policy_header_secret(NULL, "X-Api-Key", 9)); /* any case */
+        ASSERT(redact_header_secret(NULL, secret[i], strlen(secret[i])));
+    ASSERT(!redact_header_secret(NULL, "content-type", 12));
+    ASSERT(!redact_header_secret(NULL, "x-api-keys", 10));
+    ASSERT(!redact_header_secret(NULL, "cookie", 5));
+    ASSERT(redact_header_secret(NULL, "X-Api-Key", 9)); /* any case */
 }
