@@ -147,7 +147,7 @@ FUZZ_CFLAGS = -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined 
 fuzz:
 	@scripts/setup --fuzz
 	@mkdir -p build/fuzz
-	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_http.c src/frame.c src/http.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
+	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_http.c src/frame.c src/http.c src/http_head.c src/buf.c src/clock.c $(LLHTTP_SRC)/*.c \
 	    -o build/fuzz/fuzz_http
 	clang $(FUZZ_CFLAGS) tests/fuzz/fuzz_policy.c $(LIBSRC) $(LLHTTP_SRC)/*.c $(PKG_LIBS) -lm -lpthread \
 	    -o build/fuzz/fuzz_policy

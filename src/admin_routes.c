@@ -67,7 +67,7 @@ static void route_metrics(void *arg, const http_head_t *req, admin_reply_t *repl
     metrics_control_t m = {
         .version = ERRORD_VERSION,
         .lua_version = lua_version_string(),
-        .policy_path = policy != NULL ? reload_path(ctx->reload) : NULL,
+        .policy_path = policy != NULL ? reload_status(ctx->reload)->path : NULL,
         .policy_sha256 = policy != NULL ? policy_sha256(policy) : NULL,
         .policy_loaded_ms = policy != NULL ? policy_loaded_at(policy) : 0,
         .reloads = {st->n_reloaded, st->n_unchanged, st->n_failed},
@@ -121,12 +121,12 @@ static void route_policy(void *arg, const http_head_t *req, admin_reply_t *reply
     }
     int handlers, tests;
     policy_describe(policy, &handlers, &tests);
-    json_add(body, "path", json_str(reload_path(ctx->reload)));
+    json_add(body, "path", json_str(reload_status(ctx->reload)->path));
     json_add(body, "sha256", json_str(policy_sha256(policy)));
     json_add(body, "loaded_at", json_time(policy_loaded_at(policy)));
     json_add(body, "handlers", cJSON_CreateNumber(handlers));
     json_add(body, "tests", cJSON_CreateNumber(tests));
-    json_add(body, "watch", cJSON_CreateBool(reload_watching(ctx->reload)));
+    json_add(body, "watch", cJSON_CreateBool(reload_status(ctx->reload)->watching));
     json_add(body, "last_reload", last_reload_json(st));
     cJSON *reloads = cJSON_CreateObject();
     json_add(reloads, "reloaded", cJSON_CreateNumber((double)st->n_reloaded));
@@ -155,7 +155,7 @@ static void route_reload(void *arg, const http_head_t *req, admin_reply_t *reply
     if (reload_now(ctx->reload, "admin", &errors) == 0) {
         json_add(body, "result", json_str(reload_status(ctx->reload)->result));
         json_add(body, "sha256", json_str(policy_sha256(reload_policy(ctx->reload))));
-        json_add(body, "path", json_str(reload_path(ctx->reload)));
+        json_add(body, "path", json_str(reload_status(ctx->reload)->path));
     } else {
         status = 422;
         json_add(body, "message", first_line(&errors));

@@ -2,7 +2,6 @@
 #include "http.h"
 
 #include "bytes.h"
-#include "clock.h"
 
 #include <llhttp.h>
 
@@ -51,30 +50,6 @@ struct http_parser_s {
     http_error_t err;
 };
 
-/* tchar (RFC 9110 5.6.2) */
-static const unsigned char TCHAR[256] = {
-    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
-    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-    ['8'] = 1, ['9'] = 1,
-    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
-    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
-    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
-    ['Y'] = 1, ['Z'] = 1,
-    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
-    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
-    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
-    ['y'] = 1, ['z'] = 1,
-};
-
-int http_is_token(const char *s, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!TCHAR[(unsigned char)s[i]])
-            return 0;
-    return n > 0;
-}
-
 /* Bytes a field value may hold besides HTAB: SP, VCHAR, obs-text. */
 static const unsigned char VALUE_CHAR[256] = {[0x20 ... 0x7e] = 1, [0x80 ... 0xff] = 1};
 
@@ -110,7 +85,7 @@ static int fail(http_parser_t *p, int status, const char *message)
 static int check_request_line(http_parser_t *p, const char *s, size_t n)
 {
     size_t i = 0;
-    while (i < n && TCHAR[(unsigned char)s[i]])
+    while (i < n && HTTP_TCHAR[(unsigned char)s[i]])
         i++;
     if (i == 0 || i >= n || s[i] != ' ')
         return fail(p, 400, "malformed request line");
@@ -151,7 +126,7 @@ static int line0_prefix_ok(const http_parser_t *p, unsigned char c)
         return n >= 5 || c == (unsigned char)"HTTP/"[n];
     if (n > 0 && memchr(p->line0.data, ' ', n) != NULL)
         return 1;
-    return TCHAR[c] || (c == ' ' && n > 0);
+    return HTTP_TCHAR[c] || (c == ' ' && n > 0);
 }
 
 /* Scans head bytes, stopping right after the start line and right after the
@@ -179,7 +154,7 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
             if (buf_append(&p->line0, data + i, j - i) < 0)
                 return fail(p, 500, "out of memory");
         } else if (p->scan == SC_NAME) {
-            for (; j < n && TCHAR[(unsigned char)data[j]]; j++, p->name_len++)
+            for (; j < n && HTTP_TCHAR[(unsigned char)data[j]]; j++, p->name_len++)
                 if (p->name_len < sizeof p->name)
                     p->name[p->name_len] = (char)(data[j] | 0x20);
         } else if (p->scan == SC_VALUE) {
@@ -247,7 +222,7 @@ static ssize_t scan(http_parser_t *p, const char *data, size_t n)
                 p->scan = SC_END_CR;
             } else if (c == ' ' || c == '\t') {
                 return fail(p, 400, "obsolete line folding");
-            } else if (TCHAR[c]) {
+            } else if (HTTP_TCHAR[c]) {
                 p->scan = SC_NAME;
                 p->name[0] = (char)(c | 0x20);
                 p->name_len = 1;
@@ -418,107 +393,6 @@ static int name_is(const http_header_t *f, const char *name, size_t n)
 
 #define NAME_IS(f, lit) name_is((f), lit, sizeof lit - 1)
 
-/* Calls `fn` for each element of the comma-separated list, trimmed, skipping
- * empty ones (RFC 9110 5.6.1). Stops early when fn returns non-zero. */
-static int list_each(const char *s, size_t n, int (*fn)(void *, const char *, size_t),
-                     void *ctx)
-{
-    size_t i = 0;
-    while (i < n) {
-        size_t start = i;
-        while (i < n && s[i] != ',')
-            i++;
-        size_t a = start, b = i;
-        while (a < b && is_ows(s[a]))
-            a++;
-        while (b > a && is_ows(s[b - 1]))
-            b--;
-        if (b > a) {
-            int rc = fn(ctx, s + a, b - a);
-            if (rc != 0)
-                return rc;
-        }
-        i++;
-    }
-    return 0;
-}
-
-struct token_match {
-    const char *token;
-    size_t len;
-};
-
-static int match_token(void *ctx, const char *s, size_t n)
-{
-    struct token_match *m = ctx;
-    return n == m->len && strncasecmp(s, m->token, n) == 0;
-}
-
-int http_list_has(const char *value, size_t n, const char *token)
-{
-    struct token_match m = {token, strlen(token)};
-    return list_each(value, n, match_token, &m);
-}
-
-/* Transfer-Encoding: the codings in order; "chunked" must come last and once. */
-struct te_state {
-    int chunked_seen; /* chunked was the last coding seen so far */
-    int chunked_count;
-    int unknown;
-    int bad;
-    buf_t others; /* the codings other than chunked, ", "-separated */
-};
-
-static int te_coding(void *ctx, const char *s, size_t n)
-{
-    static const char *const known[] = {"gzip", "x-gzip", "deflate", "compress", "x-compress"};
-    struct te_state *te = ctx;
-    size_t tok = 0;
-    while (tok < n && TCHAR[(unsigned char)s[tok]])
-        tok++;
-    if (tok == 0) { /* not even a token ("chunked" in quotes...): unknown */
-        te->unknown = 1;
-        return 1;
-    }
-    if (tok == 7 && strncasecmp(s, "chunked", 7) == 0) {
-        if (tok != n) { /* chunked takes no parameters */
-            te->bad = 1;
-            return 1;
-        }
-        te->chunked_seen = 1;
-        te->chunked_count++;
-        return 0;
-    }
-    if (te->chunked_seen) { /* a coding after chunked */
-        te->bad = 1;
-        return 1;
-    }
-    for (size_t k = 0; k < sizeof known / sizeof *known; k++) {
-        if (strlen(known[k]) == tok && strncasecmp(s, known[k], tok) == 0) {
-            if ((te->others.len > 0 && buf_append(&te->others, ", ", 2) < 0) ||
-                buf_append(&te->others, s, n) < 0)
-                te->bad = 1;
-            return 0;
-        }
-    }
-    te->unknown = 1;
-    return 1;
-}
-
-static int valid_host(const char *s, size_t n)
-{
-    static const char ok[] = "-._~!$&'()*+,;=:[]%";
-    if (n == 0)
-        return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              (c != 0 && strchr(ok, c) != NULL)))
-            return 0;
-    }
-    return 1;
-}
-
 /* Absolute-form "http://authority/path?q" becomes origin-form with the
  * authority kept aside; asterisk-form is only for OPTIONS. Works on arena
  * offsets, before the head's pointers are set, as it may append to it. */
@@ -543,7 +417,7 @@ static int check_target(http_parser_t *p, http_head_t *h, size_t *authority_off)
     size_t end = skip;
     while (end < n && t[end] != '/' && t[end] != '?')
         end++;
-    if (end == skip || !valid_host(t + skip, end - skip))
+    if (end == skip || !http_valid_host(t + skip, end - skip))
         return user_error(p, 400, "invalid authority in request target");
     *authority_off = p->target_off + skip;
     h->authority_len = end - skip;
@@ -611,7 +485,7 @@ static int mark_hop(void *ctx, const char *s, size_t n)
 
 /* Checks a complete head and hands it to the owner. Returns what llhttp's
  * on_headers_complete expects. */
-static int finish_head(http_parser_t *p, struct te_state *te)
+static int finish_head(http_parser_t *p, http_te_t *te)
 {
     llhttp_t *ll = &p->ll;
     http_head_t *h = p->head;
@@ -656,7 +530,7 @@ static int finish_head(http_parser_t *p, struct te_state *te)
         } else if (NAME_IS(f, "transfer-encoding")) {
             n_te++;
             f->flags |= HTTP_HDR_HOP;
-            list_each(f->value, f->value_len, te_coding, te);
+            http_te_read(te, f->value, f->value_len);
             if (f->value_len == 0)
                 te->bad = 1;
         } else if (NAME_IS(f, "connection")) {
@@ -676,7 +550,7 @@ static int finish_head(http_parser_t *p, struct te_state *te)
         http_header_t *f = &h->headers[i];
         if (NAME_IS(f, "connection")) {
             struct hop_mark m = {h};
-            list_each(f->value, f->value_len, mark_hop, &m);
+            http_list_each(f->value, f->value_len, mark_hop, &m);
         }
     }
 
@@ -723,7 +597,7 @@ static int finish_head(http_parser_t *p, struct te_state *te)
             return user_error(p, 400, n_host ? "more than one Host header" : "missing Host header");
         if (n_host > 1)
             return user_error(p, 400, "more than one Host header");
-        if (host != NULL && !valid_host(host->value, host->value_len))
+        if (host != NULL && !http_valid_host(host->value, host->value_len))
             return user_error(p, 400, "invalid Host header");
         if (!(h->flags & HTTP_F_CHUNKED) && h->content_length <= 0)
             h->flags |= HTTP_F_NO_BODY;
@@ -744,7 +618,7 @@ static int finish_head(http_parser_t *p, struct te_state *te)
 
 static int on_headers_complete(llhttp_t *ll)
 {
-    struct te_state te = {0};
+    http_te_t te = {0};
     int rc = finish_head(parser_of(ll), &te);
     buf_free(&te.others);
     return rc;
@@ -837,7 +711,7 @@ static int fail_llhttp(http_parser_t *p, llhttp_errno_t e)
     case HPE_INVALID_METHOD: {
         /* A well-formed method errord does not know is 501, not 400. */
         size_t i = 0;
-        while (i < p->line0.len && TCHAR[(unsigned char)p->line0.data[i]])
+        while (i < p->line0.len && HTTP_TCHAR[(unsigned char)p->line0.data[i]])
             i++;
         if (i > 0 && (i == p->line0.len || p->line0.data[i] == ' '))
             return fail(p, 501, "method not implemented");
@@ -972,124 +846,6 @@ const http_error_t *http_parser_error(const http_parser_t *p)
     return &p->err;
 }
 
-void http_head_free(http_head_t *h)
-{
-    if (h == NULL)
-        return;
-    free(h->codings_owned);
-    buf_free(&h->arena);
-    free(h->headers);
-    free(h);
-}
-
-http_head_t *http_head_new(const char *method, const char *target, int status, size_t n_headers)
-{
-    static const struct {
-        const char *name;
-        http_method_t m;
-    } methods[] = {{"GET", HTTP_M_GET},         {"HEAD", HTTP_M_HEAD},     {"POST", HTTP_M_POST},
-                   {"PUT", HTTP_M_PUT},         {"DELETE", HTTP_M_DELETE}, {"OPTIONS", HTTP_M_OPTIONS},
-                   {"PATCH", HTTP_M_PATCH},     {"TRACE", HTTP_M_TRACE},   {"CONNECT", HTTP_M_CONNECT}};
-    http_head_t *h = calloc(1, sizeof *h);
-    if (h == NULL)
-        return NULL;
-    h->version = 11;
-    h->content_length = -1;
-    h->method_name = h->target = h->reason = "";
-    h->headers = calloc(n_headers + 1, sizeof *h->headers);
-    h->cap_headers = n_headers;
-    if (h->headers == NULL)
-        goto fail;
-    if (method == NULL) {
-        h->status = status;
-        return h;
-    }
-    /* The arena holds "method\0target\0", then the fields. */
-    h->target_len = strlen(target);
-    if (buf_append(&h->arena, method, strlen(method) + 1) < 0 ||
-        buf_append(&h->arena, target, h->target_len + 1) < 0)
-        goto fail;
-    h->method_name = h->arena.data;
-    h->target = h->arena.data + strlen(method) + 1;
-    for (size_t i = 0; i < sizeof methods / sizeof *methods; i++)
-        if (strcmp(method, methods[i].name) == 0)
-            h->method = methods[i].m;
-    return h;
-
-fail:
-    http_head_free(h);
-    return NULL;
-}
-
-int http_head_add(http_head_t *h, const char *name, size_t name_len, const char *value,
-                  size_t value_len)
-{
-    if (h->n_headers >= h->cap_headers)
-        return -1;
-    const char *old = h->arena.data;
-    int req = h->arena.len > 0 && h->method_name == old;
-    http_header_t *f = &h->headers[h->n_headers];
-    f->name_off = (uint32_t)h->arena.len;
-    f->name_len = (uint32_t)name_len;
-    int rc = buf_append(&h->arena, name, name_len);
-    f->value_off = (uint32_t)h->arena.len;
-    f->value_len = (uint32_t)value_len;
-    if (rc == 0)
-        rc = buf_append(&h->arena, value, value_len);
-    if (rc == 0)
-        rc = buf_append(&h->arena, "", 1);
-    const char *base = h->arena.data;
-    if (base != old) { /* appending moved the arena: every pointer into it too */
-        if (req) {
-            h->method_name = base;
-            h->target = base + strlen(base) + 1;
-        }
-        for (size_t i = 0; i < h->n_headers; i++) {
-            h->headers[i].name = base + h->headers[i].name_off;
-            h->headers[i].value = base + h->headers[i].value_off;
-        }
-    }
-    if (rc < 0)
-        return -1;
-    f->name = base + f->name_off;
-    f->value = base + f->value_off;
-    h->n_headers++;
-    return 0;
-}
-
-const http_header_t *http_head_find(const http_head_t *h, const char *name)
-{
-    size_t n = strlen(name);
-    for (size_t i = 0; i < h->n_headers; i++)
-        if (name_is(&h->headers[i], name, n))
-            return &h->headers[i];
-    return NULL;
-}
-
-int64_t http_retry_after_ms(const http_head_t *res, int64_t now_ms)
-{
-    const http_header_t *h = http_head_find(res, "retry-after");
-    if (h == NULL || h->value_len == 0)
-        return -1;
-    int64_t secs = 0;
-    uint32_t i = 0;
-    while (i < h->value_len && h->value[i] >= '0' && h->value[i] <= '9' && secs < 100000000)
-        secs = secs * 10 + (h->value[i++] - '0');
-    if (i == h->value_len)
-        return secs * 1000;
-    time_t t;
-    if (clock_parse_http_date(h->value, h->value_len, &t) < 0)
-        return -1;
-    int64_t delta = (int64_t)t * 1000 - now_ms;
-    return delta > 0 ? delta : 0;
-}
-
-int http_method_idempotent(http_method_t m)
-{
-    return m == HTTP_M_GET || m == HTTP_M_HEAD || m == HTTP_M_OPTIONS || m == HTTP_M_PUT ||
-           m == HTTP_M_DELETE || m == HTTP_M_TRACE;
-}
-
 const char *http_parser_version(void)
 {
 #define STR2(x) #x
@@ -1097,45 +853,4 @@ const char *http_parser_version(void)
     return STR(LLHTTP_VERSION_MAJOR) "." STR(LLHTTP_VERSION_MINOR) "." STR(LLHTTP_VERSION_PATCH);
 #undef STR
 #undef STR2
-}
-
-const char *http_reason(int status)
-{
-    switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 303: return "See Other";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 410: return "Gone";
-    case 411: return "Length Required";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 415: return "Unsupported Media Type";
-    case 417: return "Expectation Failed";
-    case 422: return "Unprocessable Content";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Unknown";
-    }
 }

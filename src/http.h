@@ -168,6 +168,34 @@ const http_header_t *http_head_find(const http_head_t *h, const char *name);
  * invalid. */
 int64_t http_retry_after_ms(const http_head_t *res, int64_t now_ms);
 
+/* What the Transfer-Encoding fields of a head say, read in order (RFC 9112
+ * 6.1): chunked must come last, once, without parameters; the other known
+ * codings pass through. Start from {0}; free `others`. */
+typedef struct {
+    int chunked_seen;  /* chunked was the last coding seen so far */
+    int chunked_count;
+    int unknown;       /* a coding errord does not know */
+    int bad;           /* a coding after chunked, chunked with parameters */
+    buf_t others;      /* the codings other than chunked, ", "-separated */
+} http_te_t;
+
+/* Reads the codings of one Transfer-Encoding value into `te`. Returns
+ * non-zero once the value settles it (unknown or bad), else 0. */
+int http_te_read(http_te_t *te, const char *value, size_t n);
+
+/* Whether `s` (`n` bytes) is an authority, host[:port], of the characters
+ * RFC 3986 allows there. */
+int http_valid_host(const char *s, size_t n);
+
+/* tchar (RFC 9110 5.6.2): 1 for each byte a token may hold, else 0. */
+extern const unsigned char HTTP_TCHAR[256];
+
+/* Calls `fn` for each element of the comma-separated list in `s` (`n`
+ * bytes), trimmed of whitespace, skipping empty ones (RFC 9110 5.6.1).
+ * Stops at, and returns, the first non-zero value fn returns; else 0. */
+int http_list_each(const char *s, size_t n, int (*fn)(void *ctx, const char *s, size_t n),
+                   void *ctx);
+
 /* Whether the comma-separated list in `value` holds `token`
  * (case-insensitive). */
 int http_list_has(const char *value, size_t n, const char *token);

@@ -44,6 +44,7 @@ reload_t *reload_new(const char *path, int n_workers)
         free(r);
         return NULL;
     }
+    r->status.path = r->path;
     return r;
 }
 
@@ -338,6 +339,7 @@ static int start_watch(reload_t *r, char *err, size_t errlen)
     r->watch_timer.data = r;
     r->watcher.data = r;
     r->watching = 1;
+    r->status.watching = 1;
     int rc = uv_fs_event_start(&r->watcher, on_watch_event, dir, 0);
     if (rc < 0) {
         snprintf(err, errlen, "--watch: cannot watch %s: %s", dir, uv_strerror(rc));
@@ -363,16 +365,6 @@ int reload_start(reload_t *r, uv_loop_t *loop, int watch, char *err, size_t errl
 const policy_t *reload_policy(const reload_t *r)
 {
     return r->policy;
-}
-
-const char *reload_path(const reload_t *r)
-{
-    return r->path;
-}
-
-int reload_watching(const reload_t *r)
-{
-    return r->watching;
 }
 
 const reload_status_t *reload_status(const reload_t *r)

@@ -15,8 +15,11 @@
 #include <stdint.h>
 #include <uv.h>
 
-/* How the reloads went so far, for GET /policy and the metrics. */
+/* The policy file and how its reloads went so far, for GET /policy and
+ * the metrics. */
 typedef struct {
+    const char *path;    /* the policy file (`r`'s copy), NULL without a policy */
+    int watching;        /* the file is watched (--watch) */
     const char *result;  /* the last one: "reloaded", "unchanged", "failed"; NULL: none yet */
     const char *trigger; /* "SIGHUP", "admin", "watch" */
     int64_t at_ms;       /* wall clock */
@@ -56,12 +59,6 @@ int reload_now(reload_t *r, const char *trigger, buf_t *errors);
 /* Returns the running control instance, or NULL without a policy. It is
  * `r`'s, and changes with each reload. */
 const policy_t *reload_policy(const reload_t *r);
-
-/* Returns the policy file's path (`r`'s copy), or NULL without a policy. */
-const char *reload_path(const reload_t *r);
-
-/* Returns 1 when the policy file is watched (--watch), else 0. */
-int reload_watching(const reload_t *r);
 
 /* Returns how the reloads went; `r`'s, valid until the next reload. */
 const reload_status_t *reload_status(const reload_t *r);
