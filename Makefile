@@ -142,7 +142,7 @@ asan:
 # and the seeds after it, e.g.
 #   mkdir -p build/fuzz/policy
 #   build/fuzz/fuzz_policy -max_total_time=60 build/fuzz/policy tests/fuzz/corpus/policy
-FUZZ_CFLAGS = -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
+FUZZ_CFLAGS = -std=c11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -DERRORD_DATADIR='"$(DATADIR)"' \
               -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC) -Isrc $(PKG_CFLAGS)
 fuzz:
 	@scripts/setup --fuzz
