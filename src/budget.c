@@ -3,7 +3,6 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
-#include <string.h>
 
 /* Per-second counts over a ring a little longer than the window. */
 #define SLOTS 16
@@ -56,14 +55,6 @@ int budget_take_retry(double ratio, double min_per_s, int64_t now_ms)
     return ok;
 }
 
-void budget_window(int64_t now_ms, uint64_t *req, uint64_t *ret)
-{
-    pthread_mutex_lock(&lock);
-    *req = rate_sum(&requests, now_ms / 1000);
-    *ret = rate_sum(&retries, now_ms / 1000);
-    pthread_mutex_unlock(&lock);
-}
-
 void budget_cooldown(uint64_t until_ms)
 {
     uint64_t cur = atomic_load(&cooldown_until);
@@ -94,15 +85,4 @@ const char *budget_refusal_name(refusal_t why)
         "retry_after",
     };
     return names[why];
-}
-
-void budget_reset(void)
-{
-    pthread_mutex_lock(&lock);
-    memset(&requests, 0, sizeof requests);
-    memset(&retries, 0, sizeof retries);
-    pthread_mutex_unlock(&lock);
-    atomic_store(&cooldown_until, 0);
-    for (int i = 0; i < REFUSED_N; i++)
-        atomic_store(&refusals[i], 0);
 }

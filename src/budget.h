@@ -33,9 +33,6 @@ void budget_note_request(int64_t now_ms);
  * counted. Thread-safe. */
 int budget_take_retry(double ratio, double min_per_s, int64_t now_ms);
 
-/* Requests and retries in the window now. */
-void budget_window(int64_t now_ms, uint64_t *requests, uint64_t *retries);
-
 /* Holds new requests and retries until `until_ms` (monotonic), or later if a
  * cooldown already runs longer. */
 void budget_cooldown(uint64_t until_ms);
@@ -52,8 +49,5 @@ uint64_t budget_refusals(refusal_t why);
 
 /* The word a refusal is logged and counted as ("attempts", "budget"...). */
 const char *budget_refusal_name(refusal_t why);
-
-/* Forgets everything (for tests). */
-void budget_reset(void);
 
 #endif

@@ -41,11 +41,6 @@ int log_level_parse(const char *s, log_level_t *level)
     return -EINVAL;
 }
 
-int log_enabled(log_level_t level)
-{
-    return level >= min_level;
-}
-
 /* RFC 3339 time with milliseconds; the part up to the second is formatted
  * once a second. */
 static void put_time(buf_t *b)
@@ -167,14 +162,6 @@ void log_kraw(log_record_t *r, const char *k, size_t k_len, const char *json, si
         return;
     buf_append(r->out, k, k_len);
     buf_append(r->out, json, n);
-}
-
-void log_double(log_record_t *r, const char *k, double value, int decimals)
-{
-    if (r == NULL)
-        return;
-    key(r, k);
-    buf_printf(r->out, "%.*f", decimals, value);
 }
 
 void log_bool(log_record_t *r, const char *k, int value)

@@ -26,19 +26,15 @@ void log_set_level(log_level_t level);
 /* Parses "debug", "info", "warn" or "error". Returns 0, or -EINVAL. */
 int log_level_parse(const char *s, log_level_t *level);
 
-/* Whether records of `level` are written. */
-int log_enabled(log_level_t level);
-
 /* Starts a record with "time", "level" and "msg" (when msg is not NULL). */
 log_record_t *log_begin(log_level_t level, const char *msg);
 
 /* Each appends the field `key` (escaped: a policy chooses keys too) to the
  * record `r` (NULL: nothing): a string (NULL is written as null), `n`
- * bytes of one, an integer, a number with `decimals` decimals. */
+ * bytes of one, an integer. */
 void log_str(log_record_t *r, const char *key, const char *value);
 void log_strn(log_record_t *r, const char *key, const char *value, size_t n);
 void log_int(log_record_t *r, const char *key, int64_t value);
-void log_double(log_record_t *r, const char *key, double value, int decimals);
 /* `ns` nanoseconds as milliseconds with three decimals. */
 void log_ms(log_record_t *r, const char *key, uint64_t ns);
 /* true or false. */
